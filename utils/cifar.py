@@ -1,0 +1,21 @@
+"""CIFAR-10 constants: the one place the loaders, galleries and Grad-CAM read them from."""
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+
+# Per-channel mean and std of the 50,000 training images, pixel values in [0, 1].
+# The std is the per-pixel one; the often-copied (0.2023, 0.1994, 0.2010) is not
+# (https://github.com/kuangliu/pytorch-cifar/issues/19).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+IMAGE_SIZE = 32
+
+
+def denormalize(images):
+    """Undo ``Normalize(MEAN, STD)``: (..., 3, H, W) tensor -> floats in [0, 1]."""
+    import torch
+
+    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)

@@ -1,0 +1,192 @@
+"""CIFAR-10 and image-folder data: decoded once into uint8 arrays, augmented with Albumentations.
+
+Two sources, picked by what ``--data-dir`` holds:
+- an image folder, ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (PNG, JPEG, ...),
+  resized to 32x32 where needed; class indices follow ``sorted()`` of the names;
+- otherwise torchvision's CIFAR-10 under ``DIR``, downloaded on first use.
+Either way the images are decoded once and held as (N, 32, 32, 3) uint8 arrays,
+as torchvision's CIFAR10 does, so an epoch never touches the disk.
+"""
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from PIL import Image
+
+from .cifar import IMAGE_SIZE, MEAN, STD
+from .seed import seed_worker
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, 32, 32, 3) uint8, RGB
+    labels: np.ndarray  # (N,) int64
+    classes: list
+
+
+# ---------------------------------------------------------------- image folders
+def _class_dirs(split_dir: Path) -> list:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}): "
+                        "delete or replace the file") from None
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _read_split(split_dir: Path, classes: list) -> Split:
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).rglob("*")
+                       if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"no images in {split_dir / name}: add images "
+                            f"({', '.join(IMG_EXTENSIONS)}) or remove the folder")
+        images += [_read_image(f) for f in files]
+        labels += [label] * len(files)
+    return Split(np.stack(images), np.asarray(labels, dtype=np.int64), list(classes))
+
+
+def load_image_folder(root) -> tuple:
+    """(train, test) Splits from ``root/train/<class>/*`` and ``root/test/<class>/*``."""
+    root = Path(root)
+    layout = "an image folder needs train/<class>/* and test/<class>/* images"
+    names = {}
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir} is missing: {layout}")
+        names[split] = [p.name for p in _class_dirs(split_dir)]
+        if not names[split]:
+            raise DataError(f"{split_dir} has no class folders: {layout}")
+    if names["train"] != names["test"]:
+        only_train = sorted(set(names["train"]) - set(names["test"]))
+        only_test = sorted(set(names["test"]) - set(names["train"]))
+        raise DataError(f"train and test classes differ (only in train: {only_train or 'none'}, "
+                        f"only in test: {only_test or 'none'}): give both the same class folders")
+    classes = names["train"]
+    return _read_split(root / "train", classes), _read_split(root / "test", classes)
+
+
+# ---------------------------------------------------------------- torchvision CIFAR-10
+def load_cifar10(root, download: bool = True) -> tuple:
+    """(train, test) Splits from torchvision's CIFAR-10 pickles under ``root``."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(root, train=True, download=download)
+        test = CIFAR10(root, train=False, download=download)
+    except (OSError, RuntimeError, urllib.error.URLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({reason}): put "
+            f"{CIFAR_ARCHIVE} into {root}, or pass --data-dir DIR with train/<class>/ "
+            f"and test/<class>/ image folders") from None
+    return tuple(Split(ds.data, np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
+                 for ds in (train, test))
+
+
+def load_data(data_dir, download: bool = True) -> tuple:
+    """Image folder if ``data_dir`` has train/ or test/, else torchvision's CIFAR-10."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder: pass the folder "
+                        f"that holds train/ and test/, or where {CIFAR_ARCHIVE} goes")
+    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
+        return load_image_folder(data_dir)
+    return load_cifar10(data_dir, download)
+
+
+def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` samples spread evenly over the classes, fixed by ``seed``.
+
+    Each class is shuffled, then classes are taken in turn (round robin), so any
+    prefix is as balanced as the class sizes allow.
+    """
+    if n > len(labels):
+        raise DataError(f"subset of {n} asked for, but the split has only {len(labels)} images: "
+                        f"pass at most {len(labels)}")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [idx[r] for r in range(max(map(len, per_class)))
+             for idx in per_class if r < len(idx)]
+    return np.sort(np.asarray(order[:n], dtype=np.int64))
+
+
+# ---------------------------------------------------------------- transforms
+def train_transform(cutout_p: float = 0.5) -> A.Compose:
+    """Pad 4 and random-crop 32, horizontal flip, one 8x8 cutout hole, normalise.
+
+    Padding reflects the border (as Page's ResNet9 and airbench do) rather than
+    adding black frames the model never sees at test time. The cutout hole is
+    filled with the dataset mean, which the normalisation then maps to ~0.
+    """
+    fill = tuple(round(m * 255) for m in MEAN)
+    pad = IMAGE_SIZE + 8
+    return A.Compose([
+        A.PadIfNeeded(pad, pad, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(IMAGE_SIZE, IMAGE_SIZE),
+        A.HorizontalFlip(p=0.5),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(8, 8),
+                        hole_width_range=(8, 8), fill=fill, p=cutout_p),
+        A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0),
+        ToTensorV2(),
+    ])
+
+
+def test_transform() -> A.Compose:
+    return A.Compose([A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0), ToTensorV2()])
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 HWC images in memory, an Albumentations transform applied per item."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return image, int(self.labels[i])
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(split: Split, transform, batch_size: int, train: bool, workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader with its own generator, so ``utils.seed.set_epoch`` can fix each epoch."""
+    return torch.utils.data.DataLoader(
+        ArrayDataset(split.images, split.labels, transform),
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator(),
+    )
