@@ -1,0 +1,69 @@
+"""Device, precision and memory format: chosen once here and passed down."""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+
+class SetupError(Exception):
+    """A problem with the run's settings; the message names the fix."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SetupError("--device mps asked for, but MPS is not available: use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 math (AVX512-BF16 or AMX).
+
+    Without it bf16 is emulated and slower than fp32. These are private torch
+    helpers (present in 2.11 and 2.15); if they vanish we fall back to fp32.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype | None  # autocast dtype, None for plain fp32
+    device_type: str
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.dtype]
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        # Only fp16 needs loss scaling: bf16 has fp32's exponent range.
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def choose_precision(device: torch.device, amp: bool) -> Precision:
+    """bf16 where the hardware does it natively, fp16 on older CUDA GPUs, else fp32."""
+    dtype = None
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif amp and device.type == "cpu" and cpu_has_fast_bf16():
+        dtype = torch.bfloat16
+    return Precision(dtype, device.type)
+
+
+def use_channels_last(device: torch.device, requested: bool) -> bool:
+    """channels_last feeds tensor cores on CUDA and oneDNN's fast kernels on the CPU
+    (measured here, 2 cores, batch 128: custom_resnet 110 img/s against 88 in bf16,
+    62 against 31 in fp32); MPS is left in the default format."""
+    return requested and device.type in ("cuda", "cpu")

@@ -1,0 +1,56 @@
+"""Files written whole or not at all: a temporary file in the same folder, then a rename."""
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+# mkstemp creates files readable by the owner alone; give results the usual umask mode.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(file)`` on a temporary binary file beside ``path``, then rename it over ``path``.
+
+    ``os.replace`` is atomic on POSIX and Windows, so a crash or Ctrl-C leaves
+    either the old file or the new one, never half of either.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path, rows: list, columns: list) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_checkpoint(path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """Load with ``weights_only=True``: a checkpoint cannot run code when it is opened."""
+    return torch.load(path, map_location=device, weights_only=True)
