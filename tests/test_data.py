@@ -1,0 +1,85 @@
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.data import DataError, balanced_subset, load_data, load_image_folder
+from conftest import COLOURS, write_image_folder
+
+
+def test_image_folder_reads_every_image(image_folder):
+    train, test = load_image_folder(image_folder)
+    assert train.classes == sorted(COLOURS) == test.classes
+    assert train.images.shape == (36, 32, 32, 3) and train.images.dtype == np.uint8
+    assert test.images.shape == (12, 32, 32, 3)
+    assert np.bincount(train.labels).tolist() == [12, 12, 12]
+    # labels follow the folders: the red class has the highest mean red channel
+    red = train.classes.index("red")
+    assert train.images[train.labels == red][..., 0].mean() > 150
+    # pixels are the file's pixels, unchanged
+    first = np.asarray(Image.open(image_folder / "train" / "blue" / "000.png"))
+    assert np.array_equal(train.images[0], first)
+
+
+def test_image_folder_resizes_converts_and_skips_other_files(tmp_path):
+    root = write_image_folder(tmp_path, train_per_class=1, test_per_class=1)
+    Image.new("L", (64, 48), 200).save(root / "train" / "red" / "big_grey.jpg")
+    (root / "train" / "red" / "notes.txt").write_text("not an image")
+    train, _ = load_image_folder(root)
+    assert train.images.shape == (4, 32, 32, 3)
+    big = train.images[train.labels == train.classes.index("red")][-1]  # sorted after 000.png
+    assert abs(int(big.mean()) - 200) <= 2  # grey, resized, three channels
+
+
+def test_load_data_picks_image_folder(image_folder):
+    train, _ = load_data(image_folder)
+    assert len(train.labels) == 36
+
+
+def test_balanced_subset_is_balanced_and_fixed_by_seed():
+    labels = np.repeat(np.arange(10), 50)
+    idx = balanced_subset(labels, 100, seed=3)
+    assert np.bincount(labels[idx]).tolist() == [10] * 10
+    assert len(set(idx)) == 100
+    assert np.array_equal(idx, balanced_subset(labels, 100, seed=3))
+    assert not np.array_equal(idx, balanced_subset(labels, 100, seed=4))
+    assert np.bincount(labels[balanced_subset(labels, 15, seed=0)]).tolist() == [2] * 5 + [1] * 5
+    with pytest.raises(DataError, match="only 500 images"):
+        balanced_subset(labels, 501, seed=0)
+
+
+def test_cifar10_download_failure_says_where_to_put_the_archive(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(DataError) as err:
+        load_data(tmp_path / "empty")
+    message = str(err.value)
+    assert "cifar-10-python.tar.gz" in message and str(tmp_path / "empty") in message
+    assert "\n" not in message
+
+
+def test_cifar10_pickles_are_read_through_torchvision(tmp_path, monkeypatch):
+    """The torchvision path, on fake batches in CIFAR-10's pickle format."""
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [n for n, _ in CIFAR10.train_list] + [n for n, _ in CIFAR10.test_list]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)  # md5s of the real files
+    train, test = load_data(tmp_path)
+    assert train.images.shape == (20, 32, 32, 3) and test.images.shape == (4, 32, 32, 3)
+    assert train.classes == list("abcdefghij") and test.labels.tolist() == [0, 1, 2, 3]
+    # CHW pickle rows become HWC images
+    raw = pickle.loads((folder / "test_batch").read_bytes())["data"][0]
+    assert np.array_equal(test.images[0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
