@@ -42,6 +42,7 @@ RECIPES = {
     "custom_resnet": {"epochs": 24, "batch_size": 512, "lr": 0.02},
 }
 ADAM_LR = 1e-3  # peak lr for --optimizer adam when --lr is not given
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc", "args", "history"}
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 
 
@@ -157,25 +158,35 @@ def resolve_args(args) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------ setup
-def prepare_out_dir(args, resume_ckpt) -> Path:
+def check_out_dir(args, resume_ckpt) -> Path:
+    """Resolve --out-dir and check it can be written, creating nothing yet.
+
+    The folder is made only when the run writes its first file, so bad data
+    found later leaves no empty run folder behind.
+    """
     if args.out_dir is None:
         if args.resume:
             args.out_dir = str(Path(args.resume).parent)
         else:
             args.out_dir = f"runs/{args.model}-{args.norm}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CLIError(f"cannot write to --out-dir {out} ({exc.strerror or exc}): "
-                       "choose a writable --out-dir") from None
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise CLIError(f"cannot write to --out-dir {out} ({existing} {problem}): "
+                       "choose a writable --out-dir")
     if resume_ckpt is None and any((out / n).exists() for n in ("last.pt", "best.pt")):
         raise CLIError(f"{out} already holds a checkpoint: continue it with --resume {out / 'last.pt'}, "
                        "or choose another --out-dir")
     return out
+
+
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot write to --out-dir {out} ({exc.strerror or exc}): "
+                       "choose a writable --out-dir") from None
 
 
 def read_resume(args):
@@ -187,8 +198,10 @@ def read_resume(args):
         raise CLIError(f"--resume {path} does not exist: pass the path of a run's last.pt")
     try:
         ckpt = run_io.load_checkpoint(path)
+        missing = CHECKPOINT_KEYS - set(ckpt)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
         saved = ckpt["args"]
-        ckpt["model"], ckpt["epoch"]  # noqa: B018 - a checkpoint of ours has these
     except Exception as exc:  # any unpickling or format failure means the same to the user
         raise CLIError(f"cannot read checkpoint {path} ({type(exc).__name__}): "
                        "pass a last.pt or best.pt written by main.py") from None
@@ -215,7 +228,7 @@ def load_splits(args):
     return train, test
 
 
-def model_summary(model, num_classes) -> str:
+def model_summary(model) -> str:
     """torchsummary's table, computed on the CPU in eval mode so BN statistics stay untouched."""
     from torchsummary import summary
 
@@ -250,7 +263,7 @@ def build_scheduler(args, optimizer, steps_per_epoch):
 # ------------------------------------------------------------------------ run
 def train(args) -> int:
     resume = read_resume(args)
-    out = prepare_out_dir(args, resume)
+    out = check_out_dir(args, resume)
     device = resolve_device(args.device)
     seed_everything(args.seed, args.deterministic)
     precision = choose_precision(device, args.amp)
@@ -265,7 +278,7 @@ def train(args) -> int:
                               train=False, workers=args.workers, pin_memory=pin)
 
     model = MODELS[args.model](num_classes=len(classes), norm=args.norm)
-    table = model_summary(model, len(classes))
+    table = model_summary(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = build_optimizer(args, model)
@@ -292,6 +305,7 @@ def train(args) -> int:
              f"{args.scheduler} | epochs {args.epochs} | seed {args.seed}")
     print(table, end="")
     print(setup)
+    make_out_dir(out)
     run_io.write_json(out / "args.json", vars(args))
     run_io.write_text(out / "summary.txt", table + setup + "\n")
     if start_epoch > args.epochs:
@@ -352,6 +366,9 @@ def main(argv=None) -> int:
     except (CLIError, DataError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the epoch loop, which reports its own checkpoint
+        print("\ninterrupted before training started", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -83,3 +83,15 @@ def test_cifar10_pickles_are_read_through_torchvision(tmp_path, monkeypatch):
     # CHW pickle rows become HWC images
     raw = pickle.loads((folder / "test_batch").read_bytes())["data"][0]
     assert np.array_equal(test.images[0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_an_epoch_never_reads_files(image_folder):
+    """Images are decoded once: the loader still yields them after the files are gone."""
+    import shutil
+
+    from utils.data import ArrayDataset, test_transform as eval_transform
+
+    train, _ = load_image_folder(image_folder)
+    shutil.rmtree(image_folder)
+    images = [x for x, _ in ArrayDataset(train.images, train.labels, eval_transform())]
+    assert len(images) == 36 and images[0].shape == (3, 32, 32)

@@ -135,7 +135,7 @@ def test_missing_data_folder_and_no_download(tmp_path, monkeypatch, capsys):
     assert main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "run")]) == 2
     err = error_line(capsys)
     assert "cifar-10-python.tar.gz" in err and "train/<class>/" in err
-    assert not (tmp_path / "run" / "args.json").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def _break(data, how):
@@ -219,3 +219,27 @@ def test_command_line_exit_code_and_single_line():
     assert proc.stderr.strip().startswith("error: argument --model: invalid choice: 'vgg'")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert set(MODELS) <= set(proc.stderr.replace(",", " ").replace(")", " ").replace("'", " ").split())
+
+
+@pytest.mark.parametrize("model,norm,extra", [
+    ("resnet18", "bn", ["--scheduler", "step"]),
+    ("resnet18", "gn", ["--optimizer", "adam", "--scheduler", "cosine"]),
+    ("resnet18", "ln", ["--no-amp", "--no-channels-last"]),
+    ("custom_resnet", "gn", ["--no-nesterov", "--label-smoothing", "0"]),
+    ("custom_resnet", "ln", ["--workers", "2"]),
+])
+def test_every_model_norm_and_option_trains(model, norm, extra, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", model, "--norm", norm, "--data-dir", str(image_folder), "--out-dir", str(out),
+            "--epochs", "1", "--batch-size", "12", "--lr", "0.01", "--workers", "0", *extra]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["args"]["norm"] == norm and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                                 if v.is_floating_point())
+    if "--no-amp" in extra:
+        assert "precision: fp32 | memory format: NCHW" in printed
+    else:
+        assert "memory format: channels_last" in printed
+    assert ckpt["args"]["optimizer"] == ("adam" if "adam" in extra else "sgd")
+    assert ckpt["args"]["lr"] == 0.01 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] > 0

@@ -65,7 +65,7 @@ def test_resnet18_kuangliu_layout():
 def test_summary_total_and_bn_untouched(name):
     model = MODELS[name]()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    table = model_summary(model, 10)
+    table = model_summary(model)
     assert f"Total params: {EXPECTED_PARAMS[name]:,}" in table
     assert model.training  # mode restored
     for key, value in stats.items():

@@ -3,6 +3,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed (servers, CI, Colab's backend aside)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(history: list, path) -> None:
@@ -16,6 +17,7 @@ def plot_curves(history: list, path) -> None:
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
