@@ -26,8 +26,9 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 math (AVX512-BF16 or AMX).
 
-    Without it bf16 is emulated and slower than fp32. These are private torch
-    helpers (present in 2.11 and 2.15); if they vanish we fall back to fp32.
+    Without it bf16 is emulated and slower than fp32. These are private torch.cpu
+    helpers (run here on 2.15; the same functions appear in older torch.cpu
+    sources); if one is missing we fall back to fp32 rather than fail.
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
