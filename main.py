@@ -219,14 +219,18 @@ def read_resume(args):
 
 
 def load_splits(args):
-    train, test = load_data(args.data_dir)
-    if args.train_subset:
-        idx = balanced_subset(train.labels, args.train_subset, args.seed)
-        train.images, train.labels = train.images[idx], train.labels[idx]
-    if args.test_subset:
-        idx = balanced_subset(test.labels, args.test_subset, args.seed)
-        test.images, test.labels = test.images[idx], test.labels[idx]
-    return train, test
+    """Train and test Splits, cut to the class-balanced subsets asked for."""
+    splits = load_data(args.data_dir)
+    for split, n, flag in zip(splits, (args.train_subset, args.test_subset),
+                              ("--train-subset", "--test-subset")):
+        if n is None:
+            continue
+        if n > len(split.labels):
+            raise CLIError(f"{flag} {n} is more than the {len(split.labels)} images there: "
+                           f"pass at most {len(split.labels)}")
+        idx = balanced_subset(split.labels, n, args.seed)
+        split.images, split.labels = split.images[idx], split.labels[idx]
+    return splits
 
 
 def model_summary(model) -> str:

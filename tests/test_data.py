@@ -46,7 +46,7 @@ def test_balanced_subset_is_balanced_and_fixed_by_seed():
     assert np.array_equal(idx, balanced_subset(labels, 100, seed=3))
     assert not np.array_equal(idx, balanced_subset(labels, 100, seed=4))
     assert np.bincount(labels[balanced_subset(labels, 15, seed=0)]).tolist() == [2] * 5 + [1] * 5
-    with pytest.raises(DataError, match="only 500 images"):
+    with pytest.raises(ValueError, match="501 of 500"):
         balanced_subset(labels, 501, seed=0)
 
 

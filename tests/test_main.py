@@ -172,6 +172,17 @@ def test_broken_image_folders(how, needle, image_folder, tmp_path, capsys):
     assert not (tmp_path / "run" / "args.json").exists()
 
 
+def test_subset_larger_than_the_data(image_folder, tmp_path, capsys):
+    assert run(image_folder, tmp_path / "run", "--test-subset", "13") == 2
+    assert "--test-subset 13 is more than the 12 images there: pass at most 12" in error_line(capsys)
+
+
+def test_subsets_are_balanced_in_the_run(image_folder, tmp_path, capsys):
+    assert run(image_folder, tmp_path / "run", "--epochs", "1", "--train-subset", "9",
+               "--test-subset", "6") == 0
+    assert "(9 train, 6 test, 3 classes)" in capsys.readouterr().out
+
+
 def test_resume_from_another_model_names_both_and_keeps_the_checkpoint(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(image_folder, out, "--epochs", "1") == 0

@@ -124,8 +124,7 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     prefix is as balanced as the class sizes allow.
     """
     if n > len(labels):
-        raise DataError(f"subset of {n} asked for, but the split has only {len(labels)} images: "
-                        f"pass at most {len(labels)}")
+        raise ValueError(f"cannot take {n} of {len(labels)} samples")
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     order = [idx[r] for r in range(max(map(len, per_class)))
