@@ -272,7 +272,7 @@ def train(args) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed, args.deterministic)
     precision = choose_precision(device, args.amp)
-    channels_last = use_channels_last(device, args.channels_last)
+    channels_last = use_channels_last(device, args.channels_last, args.norm)
 
     train_split, test_split = load_splits(args)
     classes = train_split.classes
