@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -222,7 +221,7 @@ def load_splits(args):
     """Train and test Splits, cut to the class-balanced subsets asked for."""
     splits = load_data(args.data_dir)
     for split, n, flag in zip(splits, (args.train_subset, args.test_subset),
-                              ("--train-subset", "--test-subset")):
+                              ("--train-subset", "--test-subset"), strict=True):
         if n is None:
             continue
         if n > len(split.labels):

@@ -90,8 +90,8 @@ def _epoch(loader, epoch):
 def test_epochs_repeat_per_seed_and_differ_between_epochs(workers):
     loader = _loader(workers)
     first, again, second = _epoch(loader, 1), _epoch(loader, 1), _epoch(loader, 2)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
 
 
 def test_workers_do_not_replay_each_others_augmentations():
