@@ -173,20 +173,22 @@ def check_out_dir(args, resume_ckpt) -> Path:
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         problem = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise CLIError(f"cannot write to --out-dir {out} ({existing} {problem}): "
-                       "choose a writable --out-dir")
+        raise _unwritable(out, f"{existing} {problem}")
     if resume_ckpt is None and any((out / n).exists() for n in ("last.pt", "best.pt")):
         raise CLIError(f"{out} already holds a checkpoint: continue it with --resume {out / 'last.pt'}, "
                        "or choose another --out-dir")
     return out
 
 
+def _unwritable(out: Path, reason) -> CLIError:
+    return CLIError(f"cannot write to --out-dir {out} ({reason}): choose a writable --out-dir")
+
+
 def make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CLIError(f"cannot write to --out-dir {out} ({exc.strerror or exc}): "
-                       "choose a writable --out-dir") from None
+        raise _unwritable(out, exc.strerror or exc) from None
 
 
 def read_resume(args):

@@ -3,14 +3,9 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-
-# mkstemp creates files readable by the owner alone; give results the usual umask mode.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def atomic_write(path, write) -> None:
@@ -20,14 +15,13 @@ def atomic_write(path, write) -> None:
     either the old file or the new one, never half of either.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # plain open: the usual umask mode, unlike mkstemp's 0600
             write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
