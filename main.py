@@ -26,7 +26,7 @@ from utils.data import (DataError, balanced_subset, default_workers, load_data, 
                         test_transform, train_transform)
 from utils.device import SetupError, choose_precision, resolve_device, use_channels_last
 from utils.engine import evaluate, train_one_epoch
-from utils.plots import plot_curves
+from utils.plots import plot_curves, save_figure
 from utils.seed import seed_everything, set_epoch
 
 # Per-model defaults for the flags left unset. ResNet-18 follows kuangliu/pytorch-cifar
@@ -356,7 +356,7 @@ def train(args) -> int:
         return 130
 
     if history:
-        plot_curves(history, out / "curves.png")
+        save_figure(plot_curves(history), out / "curves.png")
         final = history[-1]["test_acc"]
         result = (f"final test accuracy {final:.2f}% | best {best_acc:.2f}% | "
                   f"{sum(r['seconds'] for r in history):.0f}s of epochs\n")

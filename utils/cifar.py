@@ -19,3 +19,8 @@ def denormalize(images):
     mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(3, 1, 1)
     return (images.float() * std + mean).clamp(0, 1)
+
+
+def to_uint8_image(image):
+    """A normalised (3, H, W) tensor -> the (H, W, 3) uint8 RGB image it came from (within rounding)."""
+    return (denormalize(image.detach().cpu()) * 255).round().byte().permute(1, 2, 0).numpy()

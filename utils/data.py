@@ -42,7 +42,8 @@ def _class_dirs(split_dir: Path) -> list:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path) -> np.ndarray:
+    """(32, 32, 3) uint8 RGB; bicubic resize when the file has another size; DataError if unreadable."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
@@ -62,7 +63,7 @@ def _read_split(split_dir: Path, classes: list) -> Split:
         if not files:
             raise DataError(f"no images in {split_dir / name}: add images "
                             f"({', '.join(IMG_EXTENSIONS)}) or remove the folder")
-        images += [_read_image(f) for f in files]
+        images += [read_image(f) for f in files]
         labels += [label] * len(files)
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64), list(classes))
 

@@ -1,15 +1,36 @@
-"""Figures drawn after training from the returned history, never inside the loop."""
+"""Figures drawn after training from returned results, never inside the loop.
+
+Each function builds and returns a Figure; ``save_figure`` writes it (whole or not
+at all) and closes it, so drawing and saving stay separate and testable.
+"""
+import io
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed (servers, CI, Colab's backend aside)
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .io import atomic_write  # noqa: E402
 
-def plot_curves(history: list, path) -> None:
+DPI = 100
+TILE = 1.6  # inches per image in a grid: 32 px shown as ~5x5 screen pixels each
+
+
+def save_figure(fig, path) -> None:
+    """PNG at the figure's own dpi (no tight bbox: pixels stay where the axes say), then close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_curves(history: list):
     """Loss and accuracy per epoch, train and test, side by side."""
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=DPI)
     for split in ("train", "test"):
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
         ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], marker="o", label=split)
@@ -20,5 +41,49 @@ def plot_curves(history: list, path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def image_grid(images, titles, ncols=5, suptitle=None):
+    """uint8 RGB images (N, H, W, 3), one titled axes each, drawn pixel for pixel (nearest).
+
+    The image axes are ``fig.axes[:N]`` in order, so a test can find each tile.
+    """
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    head = 0.4 if suptitle else 0.0  # inches kept free above the tiles for the suptitle
+    height = (TILE + 0.35) * nrows + head
+    fig = plt.figure(figsize=(TILE * ncols, height), dpi=DPI)
+    for i, (image, title) in enumerate(zip(images, titles, strict=True)):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    if n == 0:
+        fig.text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10, y=1 - 0.15 / height)
+    # tight_layout ignores the suptitle; keep the tiles below it
+    fig.tight_layout(rect=(0, 0, 1, 1 - head / height))
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, classes: list):
+    """Counts, true class by row and predicted class by column, each cell annotated."""
+    k = len(classes)
+    size = max(4.0, 0.55 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=DPI)
+    im = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix ({matrix.sum()} test images, {np.trace(matrix)} correct)")
+    threshold = matrix.max() / 2
+    for t in range(k):
+        for p in range(k):
+            ax.text(p, t, str(matrix[t, p]), ha="center", va="center", fontsize=8,
+                    color="white" if matrix[t, p] > threshold else "black")
+    fig.tight_layout()
+    return fig
