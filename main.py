@@ -5,7 +5,9 @@
     python main.py --model custom_resnet --epochs 24
 
 Every run writes a folder (``--out-dir``, default ``runs/<model>-<norm>-<time>``):
-args.json, summary.txt, metrics.csv, last.pt, best.pt and curves.png.
+args.json, summary.txt, metrics.csv, last.pt, best.pt and curves.png during training;
+then, from the final model, per_class.csv, confusion.png, misclassified.png (and .csv)
+and gradcam.png.
 ``--resume runs/X/last.pt`` continues an interrupted run.
 """
 import argparse
@@ -20,13 +22,16 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import gradcam
 from model import MODELS, NORMS
 from utils import io as run_io
+from utils.analysis import confusion_matrix, per_class, top_losses
+from utils.cifar import to_uint8_image
 from utils.data import (DataError, balanced_subset, default_workers, load_data, make_loader,
                         test_transform, train_transform)
 from utils.device import SetupError, choose_precision, resolve_device, use_channels_last
-from utils.engine import evaluate, train_one_epoch
-from utils.plots import plot_curves, save_figure
+from utils.engine import evaluate, predict, train_one_epoch
+from utils.plots import confusion_figure, image_grid, plot_curves, save_figure
 from utils.seed import seed_everything, set_epoch
 
 # Per-model defaults for the flags left unset. ResNet-18 follows kuangliu/pytorch-cifar
@@ -139,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt or best.pt")
     g.add_argument("--log-interval", type=_int_at_least(1), default=20,
                    help="batches between progress-bar updates")
+    g.add_argument("--gallery-size", type=_int_at_least(0), default=25,
+                   help="misclassified test images in misclassified.png and gradcam.png (0: none)")
+    g.add_argument("--gradcam-layer", default=None,
+                   help="dotted name of the Grad-CAM layer (default: "
+                        + ", ".join(f"{n} for {m}" for m, n in gradcam.DEFAULT_LAYERS.items())
+                        + "; 8x8 maps, see gradcam.py)")
     return p
 
 
@@ -151,6 +162,7 @@ def resolve_args(args) -> argparse.Namespace:
         args.lr = ADAM_LR if args.optimizer == "adam" else recipe["lr"]
     if args.peak_epoch is None:
         args.peak_epoch = round(args.epochs * 5 / 24, 3)
+    args.gradcam_layer = args.gradcam_layer or gradcam.DEFAULT_LAYERS[args.model]
     if args.scheduler == "onecycle" and args.peak_epoch >= args.epochs:
         raise CLIError(f"--peak-epoch {args.peak_epoch} must be below --epochs {args.epochs}: "
                        "pass a smaller --peak-epoch")
@@ -284,6 +296,10 @@ def train(args) -> int:
                               train=False, workers=args.workers, pin_memory=pin)
 
     model = MODELS[args.model](num_classes=len(classes), norm=args.norm)
+    try:  # a typo here must stop the run now, not after the last epoch
+        gradcam.check_layer(model, args.gradcam_layer)
+    except gradcam.LayerError as exc:
+        raise CLIError(f"--gradcam-layer: {exc}") from None
     table = model_summary(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -360,9 +376,64 @@ def train(args) -> int:
         final = history[-1]["test_acc"]
         result = (f"final test accuracy {final:.2f}% | best {best_acc:.2f}% | "
                   f"{sum(r['seconds'] for r in history):.0f}s of epochs\n")
+        result += write_analysis(model, test_split, test_loader, args, out, device, precision,
+                                 channels_last)
         run_io.write_text(out / "summary.txt", table + setup + "\n" + result)
         print(result + f"run folder: {out}", end="\n")
     return 0
+
+
+def write_analysis(model, split, loader, args, out, device, precision, channels_last) -> str:
+    """Per-class accuracy, confusion matrix and the two galleries of the final model.
+
+    Returns the per-class table for summary.txt. The galleries show the
+    ``--gallery-size`` worst mistakes on the test set (lowest probability of the
+    true class first, as fastai's plot_top_losses), de-normalised from the
+    tensors the model saw.
+    """
+    classes = split.classes
+    probs = predict(model, loader, device, precision, channels_last).numpy()  # (N, K)
+    preds = probs.argmax(1)
+    matrix = confusion_matrix(split.labels, preds, len(classes))
+    rows = per_class(matrix, classes)
+    run_io.write_csv(out / "per_class.csv", rows, ["class", "correct", "total", "accuracy"])
+    save_figure(confusion_figure(matrix, classes), out / "confusion.png")
+    table = "per-class test accuracy (final model):\n" + "".join(
+        f"  {r['class']:<12} {r['accuracy']:6.2f}% ({r['correct']}/{r['total']})\n" for r in rows)
+    if args.gallery_size == 0:
+        return table
+
+    idx = top_losses(probs, split.labels, args.gallery_size)
+    true, pred = split.labels[idx], preds[idx]
+    conf, true_prob = probs[idx, pred], probs[idx, true]
+    run_io.write_csv(out / "misclassified.csv",
+                     [{"rank": r, "index": int(i), "true": classes[t], "predicted": classes[p],
+                       "confidence": f"{c:.4f}", "true_prob": f"{tp:.4f}"}
+                      for r, (i, t, p, c, tp) in enumerate(zip(idx, true, pred, conf, true_prob,
+                                                               strict=True), 1)],
+                     ["rank", "index", "true", "predicted", "confidence", "true_prob"])
+    note = (f"the {len(idx)} worst of {int((preds != split.labels).sum())} mistakes "
+            "(lowest probability of the true class first)")
+    shown, titles, tiles, labels = [], [], [], []
+    if len(idx):
+        transform = test_transform()
+        batch = torch.stack([transform(image=split.images[i])["image"] for i in idx])
+        shown = [to_uint8_image(x) for x in batch]  # de-normalised: what the model saw
+        titles = [f"pred {classes[p]} ({c:.0%})\ntrue {classes[t]} ({tp:.0%})"
+                  for t, p, c, tp in zip(true, pred, conf, true_prob, strict=True)]
+        with gradcam.GradCAM(model, args.gradcam_layer) as cam:
+            maps_pred = cam(batch, pred)
+            maps_true = cam(batch, true)
+        for k, image in enumerate(shown):
+            tiles += [image, gradcam.overlay(image, maps_pred[k]), gradcam.overlay(image, maps_true[k])]
+            labels += [f"true {classes[true[k]]}\npred {classes[pred[k]]} ({conf[k]:.0%})",
+                       f"CAM of pred\n{classes[pred[k]]}", f"CAM of true\n{classes[true[k]]}"]
+    save_figure(image_grid(shown, titles, ncols=5, suptitle=note), out / "misclassified.png")
+    save_figure(image_grid(tiles, labels, ncols=9,
+                           suptitle=f"Grad-CAM at {args.gradcam_layer}: each image, then the map of "
+                                    "the predicted class, then of the true class"),
+                out / "gradcam.png")
+    return table
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ from utils.io import load_checkpoint
 from conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_FILES = ["args.json", "summary.txt", "metrics.csv", "last.pt", "best.pt", "curves.png"]
+RUN_FILES = ["args.json", "summary.txt", "metrics.csv", "last.pt", "best.pt", "curves.png",
+             "per_class.csv", "confusion.png", "misclassified.png", "misclassified.csv", "gradcam.png"]
 COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 
 
@@ -120,6 +121,7 @@ def error_line(capsys):
     (["--cutout-p", "1.5"], "--cutout-p: must be in [0, 1]"),
     (["--lr", "0"], "--lr: must be in (0, 10]"),
     (["--epochs", "4", "--peak-epoch", "4"], "--peak-epoch 4.0 must be below --epochs 4"),
+    (["--gallery-size", "-1"], "--gallery-size: must be at least 0"),
 ])
 def test_bad_flags(argv, needle, capsys):
     assert main(argv) == 2

@@ -70,3 +70,22 @@ def evaluate(model, loader, device, precision, channels_last=False) -> dict:
     seconds = time.perf_counter() - start
     return {"loss": loss_sum.item() / max(seen, 1), "acc": 100.0 * correct.item() / max(seen, 1),
             "seconds": seconds}
+
+
+@torch.no_grad()
+def predict(model, loader, device, precision, channels_last=False) -> torch.Tensor:
+    """Softmax probabilities (N, classes) on the CPU, in the loader's order.
+
+    The same forward pass as ``evaluate``, so its argmax gives the same accuracy.
+    Restores the model's train/eval mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    probs = []
+    for images, labels in loader:
+        images, _ = _to_device(images, labels, device, channels_last)
+        with precision.autocast():
+            logits = model(images)
+        probs.append(logits.float().softmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(probs)

@@ -52,9 +52,9 @@ def image_grid(images, titles, ncols=5, suptitle=None):
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
-    head = 0.4 if suptitle else 0.0  # inches kept free above the tiles for the suptitle
-    height = (TILE + 0.35) * nrows + head
-    fig = plt.figure(figsize=(TILE * ncols, height), dpi=DPI)
+    head = 0.3 if suptitle else 0.0  # inches for the suptitle
+    # constrained layout makes room for the two-line titles and the suptitle
+    fig = plt.figure(figsize=(TILE * ncols, (TILE + 0.4) * nrows + head), dpi=DPI, layout="constrained")
     for i, (image, title) in enumerate(zip(images, titles, strict=True)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(image, interpolation="nearest")
@@ -63,9 +63,7 @@ def image_grid(images, titles, ncols=5, suptitle=None):
     if n == 0:
         fig.text(0.5, 0.5, "nothing to show", ha="center", va="center")
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10, y=1 - 0.15 / height)
-    # tight_layout ignores the suptitle; keep the tiles below it
-    fig.tight_layout(rect=(0, 0, 1, 1 - head / height))
+        fig.suptitle(suptitle, fontsize=10)
     return fig
 
 
