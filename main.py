@@ -5,9 +5,9 @@
     python main.py --model custom_resnet --epochs 24
 
 Every run writes a folder (``--out-dir``, default ``runs/<model>-<norm>-<time>``):
-args.json, summary.txt, metrics.csv, last.pt, best.pt and curves.png during training;
-then, from the final model, per_class.csv, confusion.png, misclassified.png (and .csv)
-and gradcam.png.
+args.json, summary.txt, metrics.csv, last.pt, best.pt during training; then curves.png,
+lr.png and, from the final model, per_class.csv, confusion.png, misclassified.png (and
+.csv) and gradcam.png. ``--lr-find`` adds lr_finder.png (``--epochs 0``: only that).
 ``--resume runs/X/last.pt`` continues an interrupted run.
 """
 import argparse
@@ -31,7 +31,10 @@ from utils.data import (DataError, balanced_subset, default_workers, load_data, 
                         test_transform, train_transform)
 from utils.device import SetupError, choose_precision, resolve_device, use_channels_last
 from utils.engine import evaluate, predict, train_one_epoch
-from utils.plots import confusion_figure, image_grid, plot_curves, save_figure
+from utils.lr_finder import LRFindError, range_test
+from utils.plots import (confusion_figure, image_grid, lr_figure, lr_finder_figure, plot_curves,
+                         save_figure)
+from utils.schedule import one_cycle
 from utils.seed import seed_everything, set_epoch
 
 # Per-model defaults for the flags left unset. ResNet-18 follows kuangliu/pytorch-cifar
@@ -47,6 +50,8 @@ RECIPES = {
     "custom_resnet": {"epochs": 24, "batch_size": 512, "lr": 0.02},
 }
 ADAM_LR = 1e-3  # peak lr for --optimizer adam when --lr is not given
+# a resumed run must keep the schedule it started with
+SCHEDULE_FLAGS = ("epochs", "batch_size", "scheduler", "peak_epoch", "div_factor", "annihilate")
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc", "args", "history"}
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 
@@ -87,21 +92,33 @@ def _float_in(low, high, low_open=False, high_open=False):
     return parse
 
 
+def _lr(text):
+    """A learning rate, or ``auto`` for the range test's suggestion."""
+    if text == "auto":
+        return text
+    try:
+        return _float_in(0, 10, low_open=True)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or auto)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="resnet18", choices=list(MODELS), help="architecture")
     p.add_argument("--norm", default="bn", choices=NORMS,
                    help="normalisation: BatchNorm, GroupNorm (32 groups) or LayerNorm over (C,H,W)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=None,
-                   help="epochs (default: 20 for resnet18, 24 for custom_resnet)")
+    p.add_argument("--epochs", type=_int_at_least(0), default=None,
+                   help="epochs (default: 20 for resnet18, 24 for custom_resnet; 0 with --lr-find: "
+                        "run the range test only)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=None,
                    help="batch size (default: 128 for resnet18, 512 for custom_resnet)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="optimizer")
-    g.add_argument("--lr", type=_float_in(0, 10, low_open=True), default=None,
-                   help="peak learning rate (default: 0.1 resnet18, 0.02 custom_resnet; 1e-3 with adam)")
+    g.add_argument("--max-lr", "--lr", dest="lr", type=_lr, default=None,
+                   help="peak learning rate, or auto for the LR range test's suggestion "
+                        "(default: 0.1 resnet18, 0.02 custom_resnet; 1e-3 with adam)")
     g.add_argument("--momentum", type=_float_in(0, 1, high_open=True), default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                    help="Nesterov momentum for SGD")
@@ -112,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lr schedule, stepped every batch; step divides the lr by 10 at 50%% and 75%%")
     g.add_argument("--peak-epoch", type=_float_in(0, 1e6, low_open=True), default=None,
                    help="One Cycle: epoch of the peak lr (default: 5 for 24 epochs, scaled to --epochs)")
+    g.add_argument("--div-factor", type=_float_in(1, 1e6), default=25.0,
+                   help="One Cycle: starting (and final) lr = max lr / div-factor")
+    g.add_argument("--annihilate", type=_float_in(0, 1, high_open=True), nargs="?", const=0.1,
+                   default=0.0, help="One Cycle: fraction of the steps (0.1 if given bare) in a third "
+                                     "phase, from the starting lr down 100x further; 0: none")
+
+    g = p.add_argument_group("LR range test (Smith 2017, via torch-lr-finder)")
+    g.add_argument("--lr-find", action="store_true",
+                   help="run the range test before training: lr_finder.png, suggested max and min lr")
+    g.add_argument("--lr-find-start", type=_float_in(0, 10, low_open=True), default=1e-7,
+                   help="first lr of the exponential sweep")
+    g.add_argument("--lr-find-end", type=_float_in(0, 100, low_open=True), default=10.0,
+                   help="last lr of the sweep")
+    g.add_argument("--lr-find-iters", type=_int_at_least(20), default=200,
+                   help="training batches in the sweep (it stops early once the loss diverges)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="./data",
@@ -156,14 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args) -> argparse.Namespace:
     """Fill the per-model defaults and check what argparse cannot check alone."""
     recipe = RECIPES[args.model]
-    args.epochs = args.epochs or recipe["epochs"]
+    args.epochs = recipe["epochs"] if args.epochs is None else args.epochs
     args.batch_size = args.batch_size or recipe["batch_size"]
     if args.lr is None:
         args.lr = ADAM_LR if args.optimizer == "adam" else recipe["lr"]
     if args.peak_epoch is None:
         args.peak_epoch = round(args.epochs * 5 / 24, 3)
     args.gradcam_layer = args.gradcam_layer or gradcam.DEFAULT_LAYERS[args.model]
-    if args.scheduler == "onecycle" and args.peak_epoch >= args.epochs:
+    if args.epochs == 0 and not args.lr_find:
+        raise CLIError("--epochs 0 trains nothing: pass --lr-find with it to run only the range "
+                       "test, or at least 1 epoch")
+    if args.lr_find_start >= args.lr_find_end:
+        raise CLIError(f"--lr-find-start {args.lr_find_start} must be below --lr-find-end "
+                       f"{args.lr_find_end}: the sweep goes up")
+    if args.resume and args.lr_find:
+        raise CLIError("--lr-find runs before training starts, not on a resumed run: drop --lr-find")
+    if args.epochs and args.scheduler == "onecycle" and args.peak_epoch >= args.epochs:
         raise CLIError(f"--peak-epoch {args.peak_epoch} must be below --epochs {args.epochs}: "
                        "pass a smaller --peak-epoch")
     return args
@@ -223,11 +263,13 @@ def read_resume(args):
         raise CLIError(f"checkpoint {path} is {saved['model']} (norm {saved['norm']}), but this run asks "
                        f"for {args.model} (norm {args.norm}): pass --model {saved['model']} "
                        f"--norm {saved['norm']}, or another checkpoint")
-    for flag in ("epochs", "batch_size", "scheduler"):
-        if saved[flag] != getattr(args, flag):
+    for flag in SCHEDULE_FLAGS:
+        if flag in saved and saved[flag] != getattr(args, flag):
             name = "--" + flag.replace("_", "-")
             raise CLIError(f"checkpoint {path} was trained with {name} {saved[flag]}, this run has "
                            f"{getattr(args, flag)}: the schedule must match, pass {name} {saved[flag]}")
+    if args.lr == "auto":  # found by the range test when the run started
+        args.lr = saved["lr"]
     return ckpt
 
 
@@ -259,10 +301,10 @@ def model_summary(model) -> str:
     return buf.getvalue()
 
 
-def build_optimizer(args, model):
+def build_optimizer(args, model, lr):
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum,
                            nesterov=args.nesterov and args.momentum > 0,
                            weight_decay=args.weight_decay)
 
@@ -270,15 +312,54 @@ def build_optimizer(args, model):
 def build_scheduler(args, optimizer, steps_per_epoch):
     total = args.epochs * steps_per_epoch
     if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, total_steps=total, pct_start=args.peak_epoch / args.epochs,
-            anneal_strategy="linear", cycle_momentum=False)
+        # --peak-epoch < --epochs is checked already; rounding may still land on the first
+        # or last step of a tiny run, so keep one step on each side where there are two
+        peak = min(max(1, round(args.peak_epoch * steps_per_epoch)), max(1, total - 1))
+        try:
+            return one_cycle(optimizer, args.lr, total, peak, args.div_factor, args.annihilate)
+        except ValueError as exc:
+            raise CLIError(f"{exc}: pass a smaller --annihilate or --peak-epoch") from None
     if args.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, total * 3 // 4], gamma=0.1)
 
 
 # ------------------------------------------------------------------------ run
+def find_lr(args, model, criterion, loader, device, precision, channels_last, out) -> str:
+    """Run the range test on the training loader, save lr_finder.png, set args.lr if auto.
+
+    Returns the lines it printed, for summary.txt. The model comes back as it was.
+    """
+    set_epoch(loader, args.seed, 0)  # its own shuffle; epoch 1 still gets epoch 1's
+    optimizer = build_optimizer(args, model, args.lr_find_start)
+    print(f"LR range test: {args.lr_find_start:g} to {args.lr_find_end:g} over up to "
+          f"{args.lr_find_iters} batches of {args.batch_size}", flush=True)
+    try:
+        result = range_test(model, optimizer, criterion, loader, device, precision, channels_last,
+                            start_lr=args.lr_find_start, end_lr=args.lr_find_end,
+                            iters=args.lr_find_iters)
+    except LRFindError as exc:
+        raise CLIError(f"LR range test: {exc}") from None
+    auto = args.lr == "auto"
+    if auto:
+        args.lr = result["suggestion"]
+    args.lr_suggested = result["suggestion"]
+    max_lr = args.lr
+    min_lr = max_lr / args.div_factor
+    make_out_dir(out)
+    save_figure(lr_finder_figure(result, max_lr, min_lr), out / "lr_finder.png")
+    run_io.write_csv(out / "lr_finder.csv", [{"lr": lr, "smoothed_loss": loss} for lr, loss
+                                             in zip(result["lr"], result["loss"], strict=True)],
+                     ["lr", "smoothed_loss"])
+    stop = "stopped early: the loss diverged" if result["stopped_early"] else "ran to the end"
+    text = (f"LR range test ({len(result['lr'])} batches, {stop}): suggested lr "
+            f"{result['suggestion']:.3g} (steepest descent of the smoothed loss)\n"
+            f"One Cycle: max lr {max_lr:.3g} ({'the suggestion' if auto else '--max-lr; auto would take the suggestion'}), "
+            f"min lr {min_lr:.3g} (max / --div-factor {args.div_factor:g})\n")
+    print(text, end="", flush=True)
+    return text
+
+
 def train(args) -> int:
     resume = read_resume(args)
     out = check_out_dir(args, resume)
@@ -303,11 +384,21 @@ def train(args) -> int:
     table = model_summary(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = build_optimizer(args, model)
+    print(table, end="")
+
+    found = ""
+    if args.lr_find or args.lr == "auto":
+        found = find_lr(args, model, criterion, train_loader, device, precision, channels_last, out)
+        if args.epochs == 0:
+            run_io.write_json(out / "args.json", vars(args))
+            run_io.write_text(out / "summary.txt", table + found)
+            print(f"run folder: {out}")
+            return 0
+    optimizer = build_optimizer(args, model, args.lr)
     scheduler = build_scheduler(args, optimizer, len(train_loader))
     scaler = precision.grad_scaler()
 
-    history, best_acc, start_epoch = [], 0.0, 1
+    history, best_acc, start_epoch, lrs = [], 0.0, 1, []
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -318,6 +409,7 @@ def train(args) -> int:
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         history, best_acc, start_epoch = resume["history"], resume["best_acc"], resume["epoch"] + 1
+        lrs = resume.get("lrs", [])
 
     setup = (f"device: {device} | precision: {precision.name} | memory format: "
              f"{'channels_last' if channels_last else 'NCHW'} | threads: {torch.get_num_threads()} | "
@@ -325,11 +417,10 @@ def train(args) -> int:
              f"data: {args.data_dir} ({len(train_split.labels)} train, {len(test_split.labels)} test, "
              f"{len(classes)} classes) | batch {args.batch_size} | {args.optimizer} lr {args.lr} | "
              f"{args.scheduler} | epochs {args.epochs} | seed {args.seed}")
-    print(table, end="")
     print(setup)
     make_out_dir(out)
     run_io.write_json(out / "args.json", vars(args))
-    run_io.write_text(out / "summary.txt", table + setup + "\n")
+    run_io.write_text(out / "summary.txt", table + found + setup + "\n")
     if start_epoch > args.epochs:
         print(f"{args.resume} already finished all {args.epochs} epochs: nothing to train")
 
@@ -337,7 +428,7 @@ def train(args) -> int:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "best_acc": best_acc, "args": vars(args), "classes": list(classes),
-                "history": history}
+                "history": history, "lrs": lrs}
 
     epoch = start_epoch - 1
     try:
@@ -349,7 +440,8 @@ def train(args) -> int:
                     bar.set_postfix(loss=f"{running['loss']:.3f}", acc=f"{running['acc']:.1f}%",
                                     lr=f"{running['lr']:.4f}")
                 tr = train_one_epoch(model, bar, criterion, optimizer, scheduler, scaler, device,
-                                     precision, channels_last, log=show, log_interval=args.log_interval)
+                                     precision, channels_last, log=show, log_interval=args.log_interval,
+                                     lr_log=lrs)
             te = evaluate(model, tqdm(test_loader, desc=f"{desc} test", leave=False, dynamic_ncols=True),
                           device, precision, channels_last)
             row = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
@@ -373,6 +465,7 @@ def train(args) -> int:
 
     if history:
         save_figure(plot_curves(history), out / "curves.png")
+        save_figure(lr_figure(lrs, len(train_loader)), out / "lr.png")
         final = history[-1]["test_acc"]
         result = (f"final test accuracy {final:.2f}% | best {best_acc:.2f}% | "
                   f"{sum(r['seconds'] for r in history):.0f}s of epochs\n")

@@ -20,7 +20,8 @@ from conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ["args.json", "summary.txt", "metrics.csv", "last.pt", "best.pt", "curves.png",
-             "per_class.csv", "confusion.png", "misclassified.png", "misclassified.csv", "gradcam.png"]
+             "per_class.csv", "confusion.png", "misclassified.png", "misclassified.csv", "gradcam.png",
+             "lr.png"]
 COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
 
 
@@ -101,8 +102,9 @@ def test_resume_repeats_an_uninterrupted_run(image_folder, tmp_path, monkeypatch
     for row in a + b:
         del row["seconds"]
     assert a == b
-    wa, wb = (load_checkpoint(d / "last.pt")["model"] for d in (straight, resumed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = (load_checkpoint(d / "last.pt") for d in (straight, resumed))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert cb["lrs"] == ca["lrs"] and len(ca["lrs"]) == 2 * 3  # the schedule as it ran, across the resume
 
 
 # ------------------------------------------------------------------------ bad input
@@ -115,13 +117,21 @@ def error_line(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "vgg"], "invalid choice: 'vgg'"),
     (["--norm", "bx"], "invalid choice: 'bx'"),
-    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--epochs", "0"], "--epochs 0 trains nothing: pass --lr-find with it"),
+    (["--epochs", "-1"], "--epochs: must be at least 0"),
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
     (["--epochs", "two"], "expected an integer"),
     (["--cutout-p", "1.5"], "--cutout-p: must be in [0, 1]"),
     (["--lr", "0"], "--lr: must be in (0, 10]"),
     (["--epochs", "4", "--peak-epoch", "4"], "--peak-epoch 4.0 must be below --epochs 4"),
     (["--gallery-size", "-1"], "--gallery-size: must be at least 0"),
+    (["--max-lr", "fast"], "--max-lr/--lr: expected a number, got 'fast' (or auto)"),
+    (["--lr-find", "--lr-find-start", "1", "--lr-find-end", "0.1"],
+     "--lr-find-start 1.0 must be below --lr-find-end 0.1"),
+    (["--lr-find-iters", "5"], "--lr-find-iters: must be at least 20"),
+    (["--annihilate", "1"], "--annihilate: must be in [0, 1)"),
+    (["--div-factor", "0.5"], "--div-factor: must be in [1, 1000000.0]"),
+    (["--lr-find", "--resume", "x.pt"], "--lr-find runs before training starts, not on a resumed run"),
 ])
 def test_bad_flags(argv, needle, capsys):
     assert main(argv) == 2

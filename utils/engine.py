@@ -12,12 +12,13 @@ def _to_device(images, labels, device, channels_last):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, precision,
-                    channels_last=False, log=None, log_interval=20) -> dict:
+                    channels_last=False, log=None, log_interval=20, lr_log=None) -> dict:
     """One pass over ``loader``; the scheduler steps every batch.
 
     Loss and correct counts accumulate on the device; ``log(running)`` is called
     every ``log_interval`` batches with the running loss and accuracy, and
-    that is the only place the loop waits for the device.
+    that is the only place the loop waits for the device. ``lr_log``, a list,
+    gets the lr each batch used, read from the optimizer.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -34,6 +35,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]  # the rate this batch used
+        if lr_log is not None:
+            lr_log.append(lr)
         scheduler.step()
 
         loss_sum += loss.detach() * labels.size(0)

@@ -85,3 +85,39 @@ def confusion_figure(matrix: np.ndarray, classes: list):
                     color="white" if matrix[t, p] > threshold else "black")
     fig.tight_layout()
     return fig
+
+
+def lr_finder_figure(result: dict, max_lr: float, min_lr: float):
+    """The range test: smoothed loss against the lr (log axis), the suggestion and minimum marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
+    ax.plot(result["lr"], result["loss"], label="smoothed training loss")
+    i = result["index"]
+    ax.plot(result["lr"][i], result["loss"][i], "o", color="red", markersize=8,
+            label=f"steepest descent: {result['suggestion']:.3g}")
+    j = result["lowest"]
+    ax.plot(result["lr"][j], result["loss"][j], "v", color="black", label=f"minimum: {result['lr'][j]:.3g}")
+    ax.axvline(max_lr, color="red", alpha=0.4, linestyle="--", label=f"max lr {max_lr:.3g}")
+    ax.axvline(min_lr, color="grey", alpha=0.6, linestyle=":", label=f"min lr {min_lr:.3g}")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="loss",
+           title=f"LR range test ({len(result['lr'])} batches"
+                 f"{', stopped: loss diverged' if result['stopped_early'] else ''})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def lr_figure(lrs: list, steps_per_epoch: int):
+    """The lr each optimizer step used, as recorded in training, against the epoch."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
+    steps = np.arange(1, len(lrs) + 1)
+    ax.plot(steps / steps_per_epoch, lrs)
+    peak = int(np.argmax(lrs))
+    ax.plot(steps[peak] / steps_per_epoch, lrs[peak], "o", color="red",
+            label=f"peak {lrs[peak]:.3g} at step {steps[peak]} (epoch {steps[peak] / steps_per_epoch:g})")
+    ax.set(xlabel="epoch", ylabel="learning rate", title=f"Learning rate per step ({len(lrs)} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
