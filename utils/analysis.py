@@ -20,7 +20,7 @@ def per_class(matrix: np.ndarray, classes: list) -> list:
 
 
 def top_losses(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """Indices of up to ``n`` misclassified images, most confidently wrong first.
+    """Indices of up to ``n`` misclassified images, the worst first.
 
     Ordered by the probability given to the true class, lowest first (the
     highest cross-entropy), as fastai's ``plot_top_losses`` does.

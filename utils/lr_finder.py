@@ -51,8 +51,9 @@ def range_test(model, optimizer, criterion, loader, device, precision, channels_
     """Sweep the lr from ``start_lr`` to ``end_lr`` over ``iters`` batches, then undo it.
 
     Returns ``{"lr": [...], "loss": [...], "suggestion": float, "index": int,
-    "stopped_early": bool}``: the lr of each batch, the smoothed loss after it,
-    and the lr at the steepest descent. The model's and the optimizer's state
+    "lowest": int, "stopped_early": bool}``: the lr of each batch, the smoothed
+    loss after it, the lr (and its index) at the steepest descent before the
+    loss's minimum (index ``lowest``). The model's and the optimizer's state
     (weights, BN statistics, momentum) and the model's mode are as before.
     """
     was_training = model.training
