@@ -53,7 +53,8 @@ ADAM_LR = 1e-3  # peak lr for --optimizer adam when --lr is not given
 # a resumed run must keep the schedule it started with
 SCHEDULE_FLAGS = ("epochs", "batch_size", "scheduler", "peak_epoch", "div_factor", "annihilate")
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc", "args", "history"}
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single",
+                  "seconds"]
 
 
 class CLIError(Exception):
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test on a fixed class-balanced subset of N images")
     g.add_argument("--cutout-p", type=_float_in(0, 1), default=0.5,
                    help="probability of the 8x8 cutout hole")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="test-time flip: test accuracy averages the logits of each image and its "
+                        "mirror image; the single-view accuracy is logged beside it")
     g.add_argument("--workers", type=_int_at_least(0), default=default_workers(),
                    help="data loader worker processes")
 
@@ -416,7 +420,8 @@ def train(args) -> int:
              f"workers: {args.workers}\n"
              f"data: {args.data_dir} ({len(train_split.labels)} train, {len(test_split.labels)} test, "
              f"{len(classes)} classes) | batch {args.batch_size} | {args.optimizer} lr {args.lr} | "
-             f"{args.scheduler} | epochs {args.epochs} | seed {args.seed}")
+             f"{args.scheduler} | epochs {args.epochs} | test-time flip {'on' if args.tta else 'off'} | "
+             f"seed {args.seed}")
     print(setup)
     make_out_dir(out)
     run_io.write_json(out / "args.json", vars(args))
@@ -443,10 +448,10 @@ def train(args) -> int:
                                      precision, channels_last, log=show, log_interval=args.log_interval,
                                      lr_log=lrs)
             te = evaluate(model, tqdm(test_loader, desc=f"{desc} test", leave=False, dynamic_ncols=True),
-                          device, precision, channels_last)
+                          device, precision, channels_last, tta=args.tta)
             row = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "test_loss": te["loss"], "test_acc": te["acc"],
-                   "seconds": tr["seconds"] + te["seconds"]}
+                   "test_acc_single": te["single_acc"], "seconds": tr["seconds"] + te["seconds"]}
             history.append(row)
             is_best = te["acc"] > best_acc
             best_acc = max(best_acc, te["acc"])
@@ -455,8 +460,10 @@ def train(args) -> int:
             run_io.save_checkpoint(out / "last.pt", state)
             if is_best:
                 run_io.save_checkpoint(out / "best.pt", state)
+            single = f" (single view {te['single_acc']:.2f}%)" if args.tta else ""
             print(f"{desc} | lr {tr['lr']:.4g} | train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | "
-                  f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{' (best)' if is_best else ''} | "
+                  f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{' (best)' if is_best else ''}"
+                  f"{single} | "
                   f"{row['seconds']:.1f}s ({tr['images_per_s']:.0f} img/s train)", flush=True)
     except KeyboardInterrupt:
         done = f"after epoch {epoch}" if epoch >= start_epoch else "before the first epoch ended"
@@ -466,8 +473,10 @@ def train(args) -> int:
     if history:
         save_figure(plot_curves(history), out / "curves.png")
         save_figure(lr_figure(lrs, len(train_loader)), out / "lr.png")
-        final = history[-1]["test_acc"]
-        result = (f"final test accuracy {final:.2f}% | best {best_acc:.2f}% | "
+        final = history[-1]
+        views = (f" (flip TTA; single view {final['test_acc_single']:.2f}%)"
+                 if args.tta and "test_acc_single" in final else "")
+        result = (f"final test accuracy {final['test_acc']:.2f}%{views} | best {best_acc:.2f}% | "
                   f"{sum(r['seconds'] for r in history):.0f}s of epochs\n")
         result += write_analysis(model, test_split, test_loader, args, out, device, precision,
                                  channels_last)
@@ -482,10 +491,11 @@ def write_analysis(model, split, loader, args, out, device, precision, channels_
     Returns the per-class table for summary.txt. The galleries show the
     ``--gallery-size`` worst mistakes on the test set (lowest probability of the
     true class first, as fastai's plot_top_losses), de-normalised from the
-    tensors the model saw.
+    tensors the model saw. Predictions use the test-time flip when ``--tta`` is
+    on, as the accuracy does; Grad-CAM explains the unflipped image.
     """
     classes = split.classes
-    probs = predict(model, loader, device, precision, channels_last).numpy()  # (N, K)
+    probs = predict(model, loader, device, precision, channels_last, args.tta).numpy()  # (N, K)
     preds = probs.argmax(1)
     matrix = confusion_matrix(split.labels, preds, len(classes))
     rows = per_class(matrix, classes)

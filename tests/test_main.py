@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ["args.json", "summary.txt", "metrics.csv", "last.pt", "best.pt", "curves.png",
              "per_class.csv", "confusion.png", "misclassified.png", "misclassified.csv", "gradcam.png",
              "lr.png"]
-COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "seconds"]
 
 
 def run(data, out, *extra):
@@ -248,7 +248,7 @@ def test_command_line_exit_code_and_single_line():
     ("resnet18", "bn", ["--scheduler", "step"]),
     ("resnet18", "gn", ["--optimizer", "adam", "--scheduler", "cosine"]),
     ("resnet18", "ln", ["--no-amp", "--no-channels-last"]),
-    ("custom_resnet", "gn", ["--no-nesterov", "--label-smoothing", "0"]),
+    ("custom_resnet", "gn", ["--no-nesterov", "--label-smoothing", "0", "--no-tta"]),
     ("custom_resnet", "ln", ["--workers", "2"]),
 ])
 def test_every_model_norm_and_option_trains(model, norm, extra, image_folder, tmp_path, capsys):
@@ -266,5 +266,10 @@ def test_every_model_norm_and_option_trains(model, norm, extra, image_folder, tm
         assert "memory format: NCHW" in printed
     else:
         assert "memory format: channels_last" in printed
+    row = read_metrics(out)[0]
+    if "--no-tta" in extra:  # one view: both columns are the same measurement
+        assert "test-time flip off" in printed and row["test_acc"] == row["test_acc_single"]
+    else:
+        assert "test-time flip on" in printed and "single view" in printed
     assert ckpt["args"]["optimizer"] == ("adam" if "adam" in extra else "sgd")
     assert ckpt["args"]["lr"] == 0.01 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] > 0

@@ -50,37 +50,50 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             "lr": lr, "seconds": seconds, "images_per_s": seen / seconds}
 
 
+def _views(model, images, tta):
+    """Logits of the images and, with ``tta``, of their mirror images (None without)."""
+    logits = model(images)
+    return logits, (model(images.flip(-1)) if tta else None)
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, precision, channels_last=False) -> dict:
+def evaluate(model, loader, device, precision, channels_last=False, tta=False) -> dict:
     """Mean cross-entropy (no label smoothing) and accuracy in percent.
 
-    Restores the model's train/eval mode afterwards.
+    With ``tta`` the logits of each image and its horizontal mirror are averaged
+    (as Page's ResNet9 and airbench do): ``loss`` and ``acc`` are then that
+    two-view result, and ``single_loss``/``single_acc`` the plain forward pass,
+    from the same run. Without it both pairs are equal. Restores the model's
+    train/eval mode afterwards.
     """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    sums = torch.zeros(4, device=device)  # loss, correct, single loss, single correct
     seen = 0
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast():
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+            single, mirrored = _views(model, images, tta)
+        single = single.float()
+        logits = single if mirrored is None else (single + mirrored.float()) / 2
+        for k, out in ((0, logits), (2, single)):
+            sums[k] += F.cross_entropy(out, labels, reduction="sum")
+            sums[k + 1] += (out.argmax(1) == labels).sum()
         seen += labels.size(0)
     model.train(was_training)
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": 100.0 * correct.item() / max(seen, 1),
-            "seconds": seconds}
+    loss, correct, single_loss, single_correct = (sums / max(seen, 1)).tolist()
+    return {"loss": loss, "acc": 100.0 * correct, "single_loss": single_loss,
+            "single_acc": 100.0 * single_correct, "seconds": seconds}
 
 
 @torch.no_grad()
-def predict(model, loader, device, precision, channels_last=False) -> torch.Tensor:
+def predict(model, loader, device, precision, channels_last=False, tta=False) -> torch.Tensor:
     """Softmax probabilities (N, classes) on the CPU, in the loader's order.
 
-    The same forward pass as ``evaluate``, so its argmax gives the same accuracy.
-    Restores the model's train/eval mode afterwards.
+    The same forward pass as ``evaluate`` (``tta`` included), so its argmax
+    gives the same accuracy. Restores the model's train/eval mode afterwards.
     """
     was_training = model.training
     model.eval()
@@ -88,7 +101,8 @@ def predict(model, loader, device, precision, channels_last=False) -> torch.Tens
     for images, labels in loader:
         images, _ = _to_device(images, labels, device, channels_last)
         with precision.autocast():
-            logits = model(images)
-        probs.append(logits.float().softmax(1).cpu())
+            single, mirrored = _views(model, images, tta)
+        logits = single.float() if mirrored is None else (single.float() + mirrored.float()) / 2
+        probs.append(logits.softmax(1).cpu())
     model.train(was_training)
     return torch.cat(probs)
