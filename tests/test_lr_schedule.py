@@ -107,7 +107,7 @@ def test_max_lr_auto_trains_with_the_suggestion(image_folder, tmp_path, capsys):
     assert isinstance(args["lr"], float) and args["lr"] == args["lr_suggested"]
     assert 1e-4 <= args["lr"] <= 10
     lrs = load_checkpoint(out / "last.pt")["lrs"]  # 3 steps an epoch, peak at epoch 0.417: step 1
-    assert max(lrs) == lrs[0] == args["lr"] and lrs[-1] == pytest.approx(args["lr"] / 25)
+    assert max(lrs) == lrs[0] == args["lr"] and lrs[-1] == pytest.approx(args["lr"] / args["div_factor"])
     printed = capsys.readouterr().out
     assert f"suggested lr {args['lr']:.3g}" in printed and "(the suggestion)" in printed
     assert (out / "lr_finder.png").stat().st_size > 0
