@@ -8,16 +8,20 @@ Every run writes a folder (``--out-dir``, default ``runs/<model>-<norm>-<time>``
 args.json, summary.txt, metrics.csv, last.pt, best.pt during training; then curves.png,
 lr.png and, from the final model, per_class.csv, confusion.png, misclassified.png (and
 .csv) and gradcam.png. ``--lr-find`` adds lr_finder.png (``--epochs 0``: only that).
-``--resume runs/X/last.pt`` continues an interrupted run.
+report.html, one self-contained page of all of it, is rewritten after every epoch.
+``--resume runs/X/last.pt`` continues an interrupted run. ``--analyze`` describes the
+data instead of training (class counts, samples, image sizes, channel statistics).
 """
 import argparse
 import contextlib
 import io
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -25,15 +29,16 @@ from tqdm import tqdm
 import gradcam
 from model import MODELS, NORMS
 from utils import io as run_io
-from utils.analysis import confusion_matrix, per_class, top_losses
-from utils.cifar import to_uint8_image
-from utils.data import (DataError, balanced_subset, default_workers, load_data, make_loader,
-                        test_transform, train_transform)
+from utils.analysis import channel_stats, class_counts, confusion_matrix, per_class, top_losses
+from utils.cifar import MEAN, STD, to_uint8_image
+from utils.data import (DataError, balanced_subset, default_workers, image_sizes, load_data,
+                        make_loader, test_transform, train_transform)
 from utils.device import SetupError, choose_precision, resolve_device, use_channels_last
 from utils.engine import evaluate, predict, train_one_epoch
 from utils.lr_finder import LRFindError, range_test
-from utils.plots import (confusion_figure, image_grid, lr_figure, lr_finder_figure, plot_curves,
-                         save_figure)
+from utils.plots import (class_counts_figure, confusion_figure, image_grid, image_sizes_figure,
+                         lr_figure, lr_finder_figure, plot_curves, save_figure)
+from utils.report import write_report
 from utils.schedule import one_cycle
 from utils.seed import seed_everything, set_epoch
 
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test on a fixed class-balanced subset of N images")
     g.add_argument("--cutout-p", type=_float_in(0, 1), default=0.5,
                    help="probability of the 8x8 cutout hole")
+    g.add_argument("--analyze", action="store_true",
+                   help="describe the data and train nothing: class counts, 10 samples per class, "
+                        "image sizes, per-channel mean and std beside the loaders' constants")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: test accuracy averages the logits of each image and its "
                         "mirror image; the single-view accuracy is logged beside it")
@@ -203,6 +211,8 @@ def resolve_args(args) -> argparse.Namespace:
     if args.lr_find_start >= args.lr_find_end:
         raise CLIError(f"--lr-find-start {args.lr_find_start} must be below --lr-find-end "
                        f"{args.lr_find_end}: the sweep goes up")
+    if args.analyze and (args.resume or args.lr_find):
+        raise CLIError("--analyze only describes the data: run it without --resume and --lr-find")
     if args.resume and args.lr_find:
         raise CLIError("--lr-find runs before training starts, not on a resumed run: drop --lr-find")
     if args.epochs and args.scheduler == "onecycle" and args.peak_epoch >= args.epochs:
@@ -221,6 +231,8 @@ def check_out_dir(args, resume_ckpt) -> Path:
     if args.out_dir is None:
         if args.resume:
             args.out_dir = str(Path(args.resume).parent)
+        elif args.analyze:
+            args.out_dir = f"runs/analyze-{time.strftime('%Y%m%d-%H%M%S')}"
         else:
             args.out_dir = f"runs/{args.model}-{args.norm}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out_dir)
@@ -394,6 +406,7 @@ def train(args) -> int:
         if args.epochs == 0:
             run_io.write_json(out / "args.json", vars(args))
             run_io.write_text(out / "summary.txt", table + found)
+            write_report(out)
             print(f"run folder: {out}")
             return 0
     optimizer = build_optimizer(args, model, args.lr)
@@ -424,6 +437,7 @@ def train(args) -> int:
     make_out_dir(out)
     run_io.write_json(out / "args.json", vars(args))
     run_io.write_text(out / "summary.txt", table + found + setup + "\n")
+    write_report(out, f"training: {start_epoch - 1} of {args.epochs} epochs done")
     if start_epoch > args.epochs:
         print(f"{args.resume} already finished all {args.epochs} epochs: nothing to train")
 
@@ -458,6 +472,7 @@ def train(args) -> int:
             run_io.save_checkpoint(out / "last.pt", state)
             if is_best:
                 run_io.save_checkpoint(out / "best.pt", state)
+            write_report(out, f"training: {epoch} of {args.epochs} epochs done")
             single = f" (single view {te['single_acc']:.2f}%)" if args.tta else ""
             print(f"{desc} | lr {tr['lr']:.4g} | train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | "
                   f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{' (best)' if is_best else ''}"
@@ -466,6 +481,7 @@ def train(args) -> int:
     except KeyboardInterrupt:
         done = f"after epoch {epoch}" if epoch >= start_epoch else "before the first epoch ended"
         print(f"\ninterrupted {done}: continue with --resume {out / 'last.pt'}", file=sys.stderr)
+        write_report(out, f"interrupted {done}: continue with --resume {out / 'last.pt'}")
         return 130
 
     if history:
@@ -478,7 +494,8 @@ def train(args) -> int:
                   f"{sum(r['seconds'] for r in history):.0f}s of epochs\n")
         result += write_analysis(model, test_split, test_loader, args, out, device, precision,
                                  channels_last)
-        run_io.write_text(out / "summary.txt", table + setup + "\n" + result)
+        run_io.write_text(out / "summary.txt", table + found + setup + "\n" + result)
+        write_report(out)
         print(result + f"run folder: {out}", end="\n")
     return 0
 
@@ -537,10 +554,61 @@ def write_analysis(model, split, loader, args, out, device, precision, channels_
     return table
 
 
+def analyze(args) -> int:
+    """Describe the data in the run folder: counts, samples, sizes, channel statistics."""
+    out = check_out_dir(args, None)
+    train_split, test_split = load_data(args.data_dir)
+    classes = train_split.classes
+    counts = {"train": class_counts(train_split.labels, len(classes)),
+              "test": class_counts(test_split.labels, len(classes))}
+    sizes = image_sizes(args.data_dir, (train_split, test_split))
+    mean, std = channel_stats(train_split.images)
+
+    rng = np.random.default_rng(args.seed)
+    picks = [rng.choice(np.flatnonzero(train_split.labels == c), min(10, counts["train"][c]), replace=False)
+             for c in range(len(classes))]
+    images = [train_split.images[i] for idx in picks for i in idx]
+    titles = [classes[c] if k == 0 else "" for c, idx in enumerate(picks) for k in range(len(idx))]
+
+    source = "image folder" if any((Path(args.data_dir) / s).is_dir() for s in ("train", "test")) \
+        else "torchvision CIFAR-10"
+    width = max(len(c) for c in classes + ["total"])
+    lines = [f"data: {args.data_dir} ({source}), {len(classes)} classes",
+             f"{'class':<{width}}  {'train':>7}  {'test':>7}"]
+    lines += [f"{name:<{width}}  {counts['train'][c]:>7}  {counts['test'][c]:>7}"
+              for c, name in enumerate(classes)]
+    lines.append(f"{'total':<{width}}  {counts['train'].sum():>7}  {counts['test'].sum():>7}")
+    for split, counter in sizes.items():
+        common = ", ".join(f"{w}x{h}: {n}" for (w, h), n in counter.most_common(5))
+        more = f" (+{len(counter) - 5} more sizes)" if len(counter) > 5 else ""
+        lines.append(f"{split} image sizes (width x height): {common}{more}")
+    lines.append(f"the loaders resize every image to 32x32\n"
+                 f"per-channel statistics of the {len(train_split.labels)} training images "
+                 f"(pixels in [0, 1]), beside the constants the loaders normalise with (utils/cifar.py):")
+    lines.append(f"{'channel':<8} {'mean':>7} {'loaders':>8} {'std':>7} {'loaders':>8}")
+    lines += [f"{ch:<8} {mean[i]:7.4f} {MEAN[i]:8.4f} {std[i]:7.4f} {STD[i]:8.4f}"
+              for i, ch in enumerate(("red", "green", "blue"))]
+    text = "\n".join(lines) + "\n"
+
+    make_out_dir(out)
+    run_io.write_json(out / "args.json", vars(args))
+    run_io.write_text(out / "analysis.txt", text)
+    save_figure(class_counts_figure(counts, classes), out / "class_counts.png")
+    save_figure(image_grid(images, titles, ncols=10,
+                           suptitle="up to 10 random training images per class, one class per row"),
+                out / "samples.png")
+    save_figure(image_sizes_figure(sizes), out / "image_sizes.png")
+    write_report(out)
+    print(text + f"run folder: {out}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = resolve_args(build_parser().parse_args(argv))
-        return train(args)
+        args.command = "python main.py " + shlex.join(argv)
+        return analyze(args) if args.analyze else train(args)
     except (CLIError, DataError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

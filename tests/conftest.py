@@ -22,6 +22,27 @@ def write_image_folder(root: Path, train_per_class=12, test_per_class=4, seed=0,
     return root
 
 
+def write_fake_cifar10(root: Path, per_batch=4, seed=0) -> Path:
+    """Random batches in CIFAR-10's pickle format under root/cifar-10-batches-py (labels 0..3).
+
+    torchvision checks the real files' md5s: patch
+    ``torchvision.datasets.cifar.check_integrity`` to read these.
+    """
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [n for n, _ in CIFAR10.train_list] + [n for n, _ in CIFAR10.test_list]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [i % 4 for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "data")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from utils.data import DataError, balanced_subset, load_data, load_image_folder
-from conftest import COLOURS, write_image_folder
+from conftest import COLOURS, write_fake_cifar10, write_image_folder
 
 
 def test_image_folder_reads_every_image(image_folder):
@@ -65,16 +65,7 @@ def test_cifar10_download_failure_says_where_to_put_the_archive(tmp_path, monkey
 
 def test_cifar10_pickles_are_read_through_torchvision(tmp_path, monkeypatch):
     """The torchvision path, on fake batches in CIFAR-10's pickle format."""
-    from torchvision.datasets import CIFAR10
-
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    names = [n for n, _ in CIFAR10.train_list] + [n for n, _ in CIFAR10.test_list]
-    for name in names:
-        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    folder = write_fake_cifar10(tmp_path)
     import torchvision.datasets.cifar as tv_cifar
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)  # md5s of the real files
     train, test = load_data(tmp_path)

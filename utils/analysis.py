@@ -1,4 +1,4 @@
-"""Where a trained model goes wrong: confusion matrix, per-class accuracy, the worst mistakes."""
+"""What the data holds (class counts, channel statistics) and where a trained model goes wrong."""
 import numpy as np
 
 
@@ -28,3 +28,25 @@ def top_losses(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     wrong = np.flatnonzero(probs.argmax(1) != labels)
     true_prob = probs[wrong, labels[wrong]]
     return wrong[np.argsort(true_prob, kind="stable")][:n]
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class, (num_classes,) int64."""
+    return np.bincount(labels, minlength=num_classes).astype(np.int64)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 5000) -> tuple:
+    """Per-channel mean and std of (N, H, W, 3) uint8 images, pixels scaled to [0, 1].
+
+    Over every pixel of every image (the std of the pixels, not the mean of
+    per-image stds), accumulated in float64 chunks so 50,000 images need little memory.
+    """
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].reshape(-1, 3).astype(np.float64) / 255.0
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+    n = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / n
+    return mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0))

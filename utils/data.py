@@ -9,6 +9,7 @@ as torchvision's CIFAR10 does, so an epoch never touches the disk.
 """
 import os
 import urllib.error
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +56,18 @@ def read_image(path) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _image_files(class_dir: Path) -> list:
+    files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no images in {class_dir}: add images "
+                        f"({', '.join(IMG_EXTENSIONS)}) or remove the folder")
+    return files
+
+
 def _read_split(split_dir: Path, classes: list) -> Split:
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (split_dir / name).rglob("*")
-                       if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        if not files:
-            raise DataError(f"no images in {split_dir / name}: add images "
-                            f"({', '.join(IMG_EXTENSIONS)}) or remove the folder")
+        files = _image_files(split_dir / name)
         images += [read_image(f) for f in files]
         labels += [label] * len(files)
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64), list(classes))
@@ -87,6 +92,26 @@ def load_image_folder(root) -> tuple:
                         f"only in test: {only_test or 'none'}): give both the same class folders")
     classes = names["train"]
     return _read_split(root / "train", classes), _read_split(root / "test", classes)
+
+
+def image_sizes(data_dir, splits: tuple) -> dict:
+    """{"train": Counter of (width, height), "test": ...} of the images as stored.
+
+    An image folder's files are read for their headers only (the loaders resize
+    to 32x32, so the arrays no longer tell); torchvision's CIFAR-10 is all 32x32.
+    """
+    root = Path(data_dir)
+    if not ((root / "train").is_dir() or (root / "test").is_dir()):
+        return {name: Counter({split.images.shape[2:0:-1]: len(split.labels)})
+                for name, split in zip(("train", "test"), splits, strict=True)}
+    sizes = {}
+    for name, split in zip(("train", "test"), splits, strict=True):
+        sizes[name] = Counter()
+        for class_name in split.classes:
+            for path in _image_files(root / name / class_name):
+                with Image.open(path) as img:  # lazy: the header only
+                    sizes[name][img.size] += 1
+    return sizes
 
 
 # ---------------------------------------------------------------- torchvision CIFAR-10

@@ -121,3 +121,35 @@ def lr_figure(lrs: list, steps_per_epoch: int):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def class_counts_figure(counts: dict, classes: list):
+    """Grouped bars: images per class in each split (``{"train": array, "test": array}``)."""
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * k + 2), 4), dpi=DPI)
+    width = 0.8 / len(counts)
+    for i, (split, values) in enumerate(counts.items()):
+        bars = ax.bar(np.arange(k) + (i - (len(counts) - 1) / 2) * width, values, width,
+                      label=f"{split} ({int(np.sum(values))})")
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set(ylabel="images", title="Images per class")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def image_sizes_figure(sizes: dict, top: int = 10):
+    """Bars of the most common stored image sizes (width x height) per split."""
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.6), dpi=DPI, squeeze=False)
+    for ax, (split, counter) in zip(axes[0], sizes.items(), strict=True):
+        common = counter.most_common(top)
+        labels = [f"{w}x{h}" for (w, h), _ in common]
+        bars = ax.bar(range(len(common)), [n for _, n in common])
+        ax.bar_label(bars, fontsize=7)
+        ax.set_xticks(range(len(common)), labels, rotation=45, ha="right")
+        rest = sum(counter.values()) - sum(n for _, n in common)
+        ax.set(xlabel="width x height (pixels)", ylabel="images",
+               title=f"{split}: {len(counter)} size(s)" + (f", {rest} images in rarer sizes" if rest else ""))
+    fig.tight_layout()
+    return fig
