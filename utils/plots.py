@@ -6,14 +6,14 @@ at all) and closes it, so drawing and saving stay separate and testable.
 import io
 import math
 
-import matplotlib
+# No matplotlib.use("Agg") here: without a display matplotlib picks Agg by itself, and
+# forcing it on import would switch off a notebook's inline plots for the whole kernel.
+# Every figure is closed once saved, so none pops up or lingers anywhere.
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; no display needed (servers, CI, Colab's backend aside)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .io import atomic_write  # noqa: E402
+from .io import atomic_write
 
 DPI = 100
 TILE = 1.6  # inches per image in a grid: 32 px shown as ~5x5 screen pixels each
