@@ -118,5 +118,6 @@ def test_lr_find_with_no_epochs_only_plots(image_folder, tmp_path):
     assert main(["--model", "resnet18", "--data-dir", str(image_folder), "--out-dir", str(out),
                  "--epochs", "0", "--lr-find", "--lr-find-iters", "20", "--batch-size", "6",
                  "--workers", "0"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "lr_finder.csv", "lr_finder.png", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "lr_finder.csv", "lr_finder.png", "report.html",
+                                                  "summary.txt"]
     assert "suggested lr" in (out / "summary.txt").read_text()
