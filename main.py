@@ -33,8 +33,10 @@ from utils.analysis import channel_stats, class_counts, confusion_matrix, per_cl
 from utils.cifar import MEAN, STD, to_uint8_image
 from utils.data import (DataError, balanced_subset, default_workers, image_sizes, load_data,
                         make_loader, test_transform, train_transform)
-from utils.device import SetupError, choose_precision, resolve_device, use_channels_last
+from utils import dist as dist_utils
+from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.engine import evaluate, predict, train_one_epoch
+from utils.gpu_aug import DeviceLoader
 from utils.lr_finder import LRFindError, range_test
 from utils.plots import (class_counts_figure, confusion_figure, image_grid, image_sizes_figure,
                          lr_figure, lr_finder_figure, plot_curves, save_figure)
@@ -116,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs (default: 20 for resnet18, 24 for custom_resnet; 0 with --lr-find: "
                         "run the range test only)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=None,
-                   help="batch size (default: 128 for resnet18, 512 for custom_resnet)")
+                   help="batch size (default: 128 for resnet18, 512 for custom_resnet); under torchrun "
+                        "the global batch, split evenly over the processes, so a recipe keeps its "
+                        "batch and learning rate on any number of GPUs")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="optimizer")
@@ -179,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="seed for Python, NumPy, torch and the loaders")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only, for bit-for-bit repeatable runs")
+
+    g = p.add_argument_group("speed (README, \"Speed\")")
+    g.add_argument("--gpu-aug", action="store_true",
+                   help="hold the data on the training device as uint8 and augment whole batches there "
+                        "(same pad-crop, flip and cutout): for when the CPU cannot feed the GPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (its first epoch pays the compile time)")
+    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN time its convolution algorithms once and keep the fastest (CUDA)")
+    g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep loader workers alive between epochs (default: on with CUDA; they then "
+                        "continue their augmentation streams instead of reseeding every epoch)")
+    g.add_argument("--prefetch", type=_int_at_least(1), default=4,
+                   help="batches each loader worker prepares ahead")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
 
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=None, help="run folder (default: runs/<model>-<norm>-<time>, "
@@ -302,6 +322,37 @@ def load_splits(args):
     return splits
 
 
+def check_parallel(args, ddp, device) -> None:
+    """What a torchrun run needs, checked before any work."""
+    if args.sync_bn and not (ddp.enabled and device.type == "cuda"):
+        raise CLIError("--sync-bn synchronises BatchNorm across GPUs: use it under torchrun on CUDA, or drop it")
+    if args.sync_bn and args.norm != "bn":
+        raise CLIError(f"--sync-bn only changes BatchNorm and this run has --norm {args.norm}: drop it")
+    if not ddp.enabled:
+        return
+    if args.lr_find or args.lr == "auto":
+        raise CLIError("the LR range test runs in one process: run --lr-find without torchrun, "
+                       "then pass the LR it suggests as --max-lr")
+    if args.batch_size % ddp.world_size:
+        raise CLIError(f"--batch-size {args.batch_size} is the global batch and does not split evenly over "
+                       f"{ddp.world_size} processes: pass a multiple of {ddp.world_size}")
+
+
+def build_loaders(args, train_split, test_split, device, ddp) -> tuple:
+    """(train, test) loaders of this process: --gpu-aug's DeviceLoaders or Albumentations DataLoaders."""
+    batch = args.batch_size // ddp.world_size
+    shard = {"rank": ddp.rank, "world_size": ddp.world_size}
+    if args.gpu_aug:
+        return (DeviceLoader(train_split.images, train_split.labels, batch, device, train=True,
+                             cutout_p=args.cutout_p, **shard),
+                DeviceLoader(test_split.images, test_split.labels, batch, device, train=False, **shard))
+    persistent = device.type == "cuda" if args.persistent_workers is None else args.persistent_workers
+    common = {"workers": args.workers, "pin_memory": device.type == "cuda", "persistent": persistent,
+              "prefetch": args.prefetch, **shard}
+    return (make_loader(train_split, train_transform(args.cutout_p), batch, train=True, **common),
+            make_loader(test_split, test_transform(), batch, train=False, **common))
+
+
 def model_summary(model) -> str:
     """torchsummary's table, computed on the CPU in eval mode so BN statistics stay untouched."""
     from torchsummary import summary
@@ -377,18 +428,18 @@ def find_lr(args, model, criterion, loader, device, precision, channels_last, ou
 def train(args) -> int:
     resume = read_resume(args)
     out = check_out_dir(args, resume)
-    device = resolve_device(args.device)
+    ddp, device = dist_utils.from_env(), resolve_device(args.device)
+    check_parallel(args, ddp, device)
+    device = dist_utils.init(ddp, device)
+    main_proc = ddp.main  # under torchrun only rank 0 prints and writes
     seed_everything(args.seed, args.deterministic)
+    configure_backends(device, args.cudnn_benchmark, args.deterministic)
     precision = choose_precision(device, args.amp)
     channels_last = use_channels_last(device, args.channels_last, args.norm)
 
     train_split, test_split = load_splits(args)
     classes = train_split.classes
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_split, train_transform(args.cutout_p), args.batch_size,
-                               train=True, workers=args.workers, pin_memory=pin)
-    test_loader = make_loader(test_split, test_transform(), args.batch_size,
-                              train=False, workers=args.workers, pin_memory=pin)
+    train_loader, test_loader = build_loaders(args, train_split, test_split, device, ddp)
 
     model = MODELS[args.model](num_classes=len(classes), norm=args.norm)
     try:  # a typo here must stop the run now, not after the last epoch
@@ -396,6 +447,8 @@ def train(args) -> int:
     except gradcam.LayerError as exc:
         raise CLIError(f"--gradcam-layer: {exc}") from None
     table = model_summary(model)
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     print(table, end="")
@@ -426,18 +479,33 @@ def train(args) -> int:
         history, best_acc, start_epoch = resume["history"], resume["best_acc"], resume["epoch"] + 1
         lrs = resume.get("lrs", [])
 
+    # `model` stays the plain module: checkpoints, Grad-CAM and the galleries use it
+    train_net = model
+    if ddp.enabled:
+        train_net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_net = model
+    if args.compile:
+        train_net = torch.compile(train_net)
+        eval_net = torch.compile(model) if ddp.enabled else train_net
+
+    parallel = (f"processes: {ddp.world_size} (global batch {args.batch_size}, "
+                f"{args.batch_size // ddp.world_size} each{', SyncBatchNorm' if args.sync_bn else ''}) | "
+                if ddp.enabled else "")
+    loading = "gpu-aug (on the device)" if args.gpu_aug else f"workers: {args.workers}"
     setup = (f"device: {device} | precision: {precision.name} | memory format: "
              f"{'channels_last' if channels_last else 'NCHW'} | threads: {torch.get_num_threads()} | "
-             f"workers: {args.workers}\n"
+             f"{parallel}{loading}{' | torch.compile' if args.compile else ''}\n"
              f"data: {args.data_dir} ({len(train_split.labels)} train, {len(test_split.labels)} test, "
              f"{len(classes)} classes) | batch {args.batch_size} | {args.optimizer} lr {args.lr} | "
              f"{args.scheduler} | epochs {args.epochs} | test-time flip {'on' if args.tta else 'off'} | "
              f"seed {args.seed}")
     print(setup)
-    make_out_dir(out)
-    run_io.write_json(out / "args.json", vars(args))
-    run_io.write_text(out / "summary.txt", table + found + setup + "\n")
-    write_report(out, f"training: {start_epoch - 1} of {args.epochs} epochs done")
+    if main_proc:
+        make_out_dir(out)
+        run_io.write_json(out / "args.json", vars(args))
+        run_io.write_text(out / "summary.txt", table + found + setup + "\n")
+        write_report(out, f"training: {start_epoch - 1} of {args.epochs} epochs done")
     if start_epoch > args.epochs:
         print(f"{args.resume} already finished all {args.epochs} epochs: nothing to train")
 
@@ -450,16 +518,19 @@ def train(args) -> int:
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs + 1):
-            set_epoch(train_loader, args.seed, epoch)
+            set_epoch(train_loader, args.seed, epoch, ddp.rank)
             desc = f"epoch {epoch}/{args.epochs}"
-            with tqdm(train_loader, desc=f"{desc} train", leave=False, dynamic_ncols=True) as bar:
+            with tqdm(train_loader, desc=f"{desc} train", leave=False, dynamic_ncols=True,
+                      disable=not main_proc) as bar:
                 def show(running, bar=bar):
                     bar.set_postfix(loss=f"{running['loss']:.3f}", acc=f"{running['acc']:.1f}%",
                                     lr=f"{running['lr']:.4f}")
-                tr = train_one_epoch(model, bar, criterion, optimizer, scheduler, scaler, device,
+                tr = train_one_epoch(train_net, bar, criterion, optimizer, scheduler, scaler, device,
                                      precision, channels_last, log=show, log_interval=args.log_interval,
                                      lr_log=lrs)
-            te = evaluate(model, tqdm(test_loader, desc=f"{desc} test", leave=False, dynamic_ncols=True),
+            dist_utils.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
+            te = evaluate(eval_net, tqdm(test_loader, desc=f"{desc} test", leave=False, dynamic_ncols=True,
+                                         disable=not main_proc),
                           device, precision, channels_last, tta=args.tta)
             row = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "test_loss": te["loss"], "test_acc": te["acc"],
@@ -467,12 +538,13 @@ def train(args) -> int:
             history.append(row)
             is_best = te["acc"] > best_acc
             best_acc = max(best_acc, te["acc"])
-            run_io.write_csv(out / "metrics.csv", history, METRIC_COLUMNS)
-            state = checkpoint(epoch)
-            run_io.save_checkpoint(out / "last.pt", state)
-            if is_best:
-                run_io.save_checkpoint(out / "best.pt", state)
-            write_report(out, f"training: {epoch} of {args.epochs} epochs done")
+            if main_proc:
+                run_io.write_csv(out / "metrics.csv", history, METRIC_COLUMNS)
+                state = checkpoint(epoch)
+                run_io.save_checkpoint(out / "last.pt", state)
+                if is_best:
+                    run_io.save_checkpoint(out / "best.pt", state)
+                write_report(out, f"training: {epoch} of {args.epochs} epochs done")
             single = f" (single view {te['single_acc']:.2f}%)" if args.tta else ""
             print(f"{desc} | lr {tr['lr']:.4g} | train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | "
                   f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{' (best)' if is_best else ''}"
@@ -481,9 +553,25 @@ def train(args) -> int:
     except KeyboardInterrupt:
         done = f"after epoch {epoch}" if epoch >= start_epoch else "before the first epoch ended"
         print(f"\ninterrupted {done}: continue with --resume {out / 'last.pt'}", file=sys.stderr)
-        write_report(out, f"interrupted {done}: continue with --resume {out / 'last.pt'}")
+        if main_proc:
+            write_report(out, f"interrupted {done}: continue with --resume {out / 'last.pt'}")
         return 130
 
+    agreement = ""
+    if ddp.enabled:  # DDP keeps replicas equal by construction; check it, bit for bit
+        digests = dist_utils.gather_digests(model)
+        same = len(set(digests)) == 1
+        agreement = (f"DDP: the {ddp.world_size} processes' weights and buffers are "
+                     f"{'identical' if same else 'DIFFERENT'} (sha256 {', '.join(d[:12] for d in digests)})\n")
+        if not same:
+            print(f"error: {agreement}", file=sys.stderr)
+            return 1
+    if not main_proc:
+        return 0
+    if ddp.enabled:  # the galleries need every test image in one process
+        test_loader = (DeviceLoader(test_split.images, test_split.labels, args.batch_size, device, train=False)
+                       if args.gpu_aug else
+                       make_loader(test_split, test_transform(), args.batch_size, train=False, workers=0))
     if history:
         save_figure(plot_curves(history), out / "curves.png")
         save_figure(lr_figure(lrs, len(train_loader)), out / "lr.png")
@@ -491,7 +579,7 @@ def train(args) -> int:
         views = (f" (flip TTA; single view {final['test_acc_single']:.2f}%)"
                  if args.tta and "test_acc_single" in final else "")
         result = (f"final test accuracy {final['test_acc']:.2f}%{views} | best {best_acc:.2f}% | "
-                  f"{sum(r['seconds'] for r in history):.0f}s of epochs\n")
+                  f"{sum(r['seconds'] for r in history):.0f}s of epochs\n") + agreement
         result += write_analysis(model, test_split, test_loader, args, out, device, precision,
                                  channels_last)
         run_io.write_text(out / "summary.txt", table + found + setup + "\n" + result)
@@ -608,13 +696,20 @@ def main(argv=None) -> int:
     try:
         args = resolve_args(build_parser().parse_args(argv))
         args.command = "python main.py " + shlex.join(argv)
-        return analyze(args) if args.analyze else train(args)
+        if args.analyze:
+            return analyze(args)
+        # under torchrun, only rank 0 prints (pytorch/examples and nanoGPT guard each print instead)
+        quiet = int(os.environ.get("RANK", 0)) != 0
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
+            return train(args)
     except (CLIError, DataError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the epoch loop, which reports its own checkpoint
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
+    finally:
+        dist_utils.cleanup()
 
 
 if __name__ == "__main__":

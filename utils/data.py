@@ -203,15 +203,47 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world_size, ...`` in order: each process evaluates its own share.
+
+    Unlike DistributedSampler it does not pad the shares to equal length, so summing the
+    processes' counts covers every test image exactly once.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def make_loader(split: Split, transform, batch_size: int, train: bool, workers: int,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader with its own generator, so ``utils.seed.set_epoch`` can fix each epoch."""
+                pin_memory: bool = False, persistent: bool = False, prefetch: int = 4,
+                rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader with its own generator, so ``utils.seed.set_epoch`` can fix each epoch.
+
+    With ``world_size`` > 1 (torchrun) each process loads its share: DistributedSampler
+    (one shuffle shared by all, seeded by the epoch) for training, ShardSampler for test.
+    ``persistent`` keeps the workers alive between epochs (no start-up cost per epoch);
+    they then continue their augmentation streams instead of being reseeded each epoch.
+    """
+    dataset = ArrayDataset(split.images, split.labels, transform)
+    sampler = None
+    if world_size > 1:
+        sampler = (torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True)
+                   if train else ShardSampler(len(dataset), rank, world_size))
+    extra = {"persistent_workers": persistent, "prefetch_factor": prefetch} if workers > 0 else {}
     return torch.utils.data.DataLoader(
-        ArrayDataset(split.images, split.labels, transform),
+        dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         worker_init_fn=seed_worker,
         generator=torch.Generator(),
+        **extra,
     )

@@ -74,3 +74,14 @@ def use_channels_last(device: torch.device, requested: bool, norm: str = "bn") -
     if not requested or device.type not in ("cuda", "cpu"):
         return False
     return not (device.type == "cpu" and norm == "gn")
+
+
+def configure_backends(device: torch.device, benchmark: bool = True, deterministic: bool = False) -> None:
+    """cudnn.benchmark (pick the fastest convolution for our fixed 32x32 shapes) unless determinism is asked for.
+
+    TF32 matmuls speed up whatever runs outside autocast on Ampere and newer GPUs.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = benchmark and not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

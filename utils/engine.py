@@ -4,6 +4,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .dist import all_reduce_sum
+
 
 def _to_device(images, labels, device, channels_last):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -16,8 +18,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     """One pass over ``loader``; the scheduler steps every batch.
 
     Loss and correct counts accumulate on the device; ``log(running)`` is called
-    every ``log_interval`` batches with the running loss and accuracy, and
-    that is the only place the loop waits for the device. ``lr_log``, a list,
+    every ``log_interval`` batches with the running loss and accuracy (of this
+    process), and that is the only place the loop waits for the device. The
+    returned loss and accuracy are over all processes under torchrun. ``lr_log``, a list,
     gets the lr each batch used, read from the optimizer.
     """
     model.train()
@@ -45,8 +48,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         if log is not None and (step % log_interval == 0 or step == len(loader)):
             # .item() is a host-device sync point; once per log interval only.
             log({"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen, "lr": lr})
+    # summed over the processes under torchrun; .tolist() waits for the device, so the time is real
+    loss, correct, seen = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
+                                                      torch.tensor(float(seen), device=device)])).tolist()
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": 100.0 * correct.item() / max(seen, 1),
+    return {"loss": loss / max(seen, 1), "acc": 100.0 * correct / max(seen, 1),
             "lr": lr, "seconds": seconds, "images_per_s": seen / seconds}
 
 
@@ -63,8 +69,8 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
     With ``tta`` the logits of each image and its horizontal mirror are averaged
     (as Page's ResNet9 and airbench do): ``loss`` and ``acc`` are then that
     two-view result, and ``single_loss``/``single_acc`` the plain forward pass,
-    from the same run. Without it both pairs are equal. Restores the model's
-    train/eval mode afterwards.
+    from the same run. Without it both pairs are equal. Under torchrun the sums
+    are over all processes. Restores the model's train/eval mode afterwards.
     """
     was_training = model.training
     model.eval()
@@ -82,8 +88,10 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
             sums[k + 1] += (out.argmax(1) == labels).sum()
         seen += labels.size(0)
     model.train(was_training)
+    all_reduce_sum(sums)  # under torchrun each process saw its own share of the test set
+    seen = int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
+    loss, correct, single_loss, single_correct = (sums / max(seen, 1)).tolist()  # waits for the device
     seconds = time.perf_counter() - start
-    loss, correct, single_loss, single_correct = (sums / max(seen, 1)).tolist()
     return {"loss": loss, "acc": 100.0 * correct, "single_loss": single_loss,
             "single_acc": 100.0 * single_correct, "seconds": seconds}
 

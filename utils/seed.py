@@ -43,12 +43,20 @@ def seed_worker(worker_id: int) -> None:
     seed_transforms(torch.utils.data.get_worker_info().dataset, seed)
 
 
-def set_epoch(loader, seed: int, epoch: int) -> None:
+def set_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
     """Make an epoch's shuffle and augmentations a function of (seed, epoch) alone.
 
     That is what lets a resumed run repeat exactly what an uninterrupted one does.
+    Under torchrun the shuffle is shared (DistributedSampler, seeded by ``seed`` and
+    the epoch) and ``rank`` gives each process its own augmentations.
     """
     epoch_seed = seed * 10_000 + epoch
-    loader.generator.manual_seed(epoch_seed)
+    if hasattr(loader, "set_epoch"):  # utils.gpu_aug.DeviceLoader
+        loader.set_epoch(seed, epoch)
+        return
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.seed, sampler.epoch = seed, epoch
+    loader.generator.manual_seed(epoch_seed + 1_000_003 * rank)
     if loader.num_workers == 0:
-        seed_transforms(loader.dataset, epoch_seed)
+        seed_transforms(loader.dataset, epoch_seed + 1_000_003 * rank)
