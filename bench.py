@@ -1,0 +1,244 @@
+"""Measure training and evaluation speed, the data pipeline, and a plain reference loop.
+
+    python bench.py                                  # both models, the device main.py would pick
+    python bench.py --model custom_resnet --batch-size 512 --device cuda --compile
+    python bench.py --data-dir /tmp/cifar10-jpg --workers 0 2
+
+For each model: training images/s of our step (``utils.engine.train_one_epoch``, the
+loop main.py runs, with its precision and memory format) and evaluation images/s
+(``utils.engine.evaluate``, one view), then the same model and batch in a plain
+reference loop (fp32, NCHW, per-batch ``.item()``: the kuangliu/pytorch-cifar style),
+reported as a ratio. Inputs are synthetic and already in memory, so these are
+compute rates. Warm-up windows are excluded, each figure is the median of
+``--windows`` timed windows of ``--steps`` batches, and GPU work is timed after
+``torch.cuda.synchronize()``. With ``--data-dir``, the data pipeline is timed on
+real image files: Albumentations transforms plus collation, per worker count
+(workers 0 = in the main process), and the ``--gpu-aug`` batched path on the device.
+Prints a table and writes JSON (``--json``).
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from model import MODELS, NORMS
+from utils.data import DataError, _class_dirs, _image_files, make_loader, read_image, train_transform
+from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.engine import evaluate, train_one_epoch
+from utils.gpu_aug import DeviceLoader
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_windows(run_window, device, warmup: int, windows: int) -> list:
+    """Seconds of each timed window, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run_window()
+    seconds = []
+    for _ in range(windows):
+        sync(device)
+        start = time.perf_counter()
+        run_window()
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def synthetic_batches(steps, batch_size, device, pin):
+    """``steps`` distinct (images, labels) batches, normalised-looking, held in memory."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(steps):
+        images = torch.randn(batch_size, 3, 32, 32, generator=g)
+        labels = torch.randint(0, 10, (batch_size,), generator=g)
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        batches.append((images, labels))
+    return batches
+
+
+def reference_train(model, batches, device):
+    """The plain loop of kuangliu/pytorch-cifar's main.py: fp32, NCHW, an .item() per batch."""
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model.train()
+
+    def window():
+        train_loss, correct, total = 0.0, 0, 0
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = criterion(outputs, targets)
+            loss.backward()
+            optimizer.step()
+            train_loss += loss.item()
+            _, predicted = outputs.max(1)
+            total += targets.size(0)
+            correct += predicted.eq(targets).sum().item()
+    return window
+
+
+def reference_eval(model, batches, device):
+    model.eval()
+
+    @torch.no_grad()
+    def window():
+        correct = 0
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            correct += model(inputs).max(1)[1].eq(targets).sum().item()
+    return window
+
+
+def bench_model(args, name, device) -> dict:
+    precision = choose_precision(device, args.amp)
+    channels_last = use_channels_last(device, args.channels_last, args.norm)
+    batches = synthetic_batches(args.steps, args.batch_size, device, pin=device.type == "cuda")
+    n = args.steps * args.batch_size
+    rates = {}
+
+    torch.manual_seed(0)
+    model = MODELS[name](norm=args.norm).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant: speed only
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    scaler = precision.grad_scaler()
+    ours = {
+        "train": lambda: train_one_epoch(step_model, batches, criterion, optimizer, scheduler, scaler,
+                                         device, precision, channels_last),
+        "eval": lambda: evaluate(step_model, batches, device, precision, channels_last, tta=False),
+    }
+    for phase, window in ours.items():
+        secs = timed_windows(window, device, args.warmup, args.windows)
+        rates[phase] = n / statistics.median(secs)
+
+    torch.manual_seed(0)
+    ref = MODELS[name](norm=args.norm).to(device)
+    for phase, make in (("train", reference_train), ("eval", reference_eval)):
+        secs = timed_windows(make(ref, batches, device), device, args.warmup, args.windows)
+        rates[f"reference_{phase}"] = n / statistics.median(secs)
+    return {"model": name, "norm": args.norm, "precision": precision.name,
+            "memory_format": "channels_last" if channels_last else "NCHW", "compile": args.compile,
+            "train_images_per_s": rates["train"], "eval_images_per_s": rates["eval"],
+            "reference_train_images_per_s": rates["reference_train"],
+            "reference_eval_images_per_s": rates["reference_eval"],
+            "train_speedup": rates["train"] / rates["reference_train"],
+            "eval_speedup": rates["eval"] / rates["reference_eval"]}
+
+
+def read_images(data_dir, n: int) -> np.ndarray:
+    """The first ``n`` training images of an image folder, taken round-robin over the classes."""
+    train = Path(data_dir) / "train"
+    if not train.is_dir():
+        raise DataError(f"{train} is missing: --data-dir needs an image folder with train/<class>/*")
+    per_class = [_image_files(d) for d in _class_dirs(train)]
+    files = [f for group in zip(*per_class, strict=False) for f in group][:n]
+    return np.stack([read_image(f) for f in files])
+
+
+def bench_data(args, device) -> list:
+    """Images/s of the Albumentations pipeline (decoded images in memory, as main.py holds them)."""
+    images = read_images(args.data_dir, args.data_images)
+    labels = np.zeros(len(images), dtype=np.int64)
+    from utils.data import Split
+    split = Split(images, labels, ["x"])
+    rows = []
+    for workers in args.workers:
+        loader = make_loader(split, train_transform(), args.batch_size, train=True, workers=workers)
+        rates = []
+        for _ in range(args.windows):
+            start = time.perf_counter()
+            seen = sum(len(y) for _, y in loader)  # worker start-up included, as in an epoch
+            rates.append(seen / (time.perf_counter() - start))
+        rate = statistics.median(rates)
+        rows.append({"pipeline": "albumentations", "workers": workers, "images_per_s": rate,
+                     "images_per_s_per_worker": rate / max(workers, 1)})
+    loader = DeviceLoader(images, labels, args.batch_size, device, train=True)
+
+    def window():
+        for _batch in loader:
+            pass
+    secs = timed_windows(window, device, 1, args.windows)
+    rows.append({"pipeline": f"gpu-aug on {device.type}", "workers": 0,
+                 "images_per_s": len(images) / statistics.median(secs),
+                 "images_per_s_per_worker": len(images) / statistics.median(secs)})
+    return rows
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
+    p.add_argument("--norm", default="bn", choices=NORMS, help="normalisation layer of resnet18")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="our step's mixed precision (bf16 where fast, as main.py)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="our step's channels_last memory format (as main.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")
+    p.add_argument("--steps", type=int, default=10, help="batches per timed window")
+    p.add_argument("--warmup", type=int, default=2, help="untimed windows first")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
+    p.add_argument("--data-dir", default=None,
+                   help="image folder (train/<class>/*) to time the data pipeline on; none skips it")
+    p.add_argument("--data-images", type=int, default=5120, help="images read for the data pipeline")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to time")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--windows", args.windows), ("--data-images", args.data_images)):
+        if value < 1:
+            print(f"error: {flag} {value} must be at least 1", file=sys.stderr)
+            return 2
+    try:
+        device = resolve_device(args.device)
+        configure_backends(device)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        header = (f"device: {device} ({gpu}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+                  f"batch {args.batch_size} | {args.steps} batches x median of {args.windows} windows "
+                  f"after {args.warmup} warm-up")
+        print(header, flush=True)
+        models = [bench_model(args, name, device) for name in args.model]
+        data = bench_data(args, device) if args.data_dir else []
+    except (SetupError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'model':<15}{'precision':<15}{'format':<15}{'train img/s':>12}{'reference':>11}{'ratio':>7}"
+          f"{'eval img/s':>12}{'reference':>11}{'ratio':>7}")
+    for r in models:
+        print(f"{r['model']:<15}{r['precision']:<15}{r['memory_format']:<15}"
+              f"{r['train_images_per_s']:>12.0f}{r['reference_train_images_per_s']:>11.0f}"
+              f"{r['train_speedup']:>6.2f}x{r['eval_images_per_s']:>12.0f}"
+              f"{r['reference_eval_images_per_s']:>11.0f}{r['eval_speedup']:>6.2f}x")
+    print("reference: fp32, NCHW, .item() every batch (kuangliu/pytorch-cifar)")
+    for r in data:
+        print(f"data: {r['pipeline']:<22} workers {r['workers']}: {r['images_per_s']:.0f} img/s "
+              f"({r['images_per_s_per_worker']:.0f} per worker)")
+    result = {"device": str(device), "device_name": gpu, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps,
+              "windows": args.windows, "warmup": args.warmup, "models": models, "data": data}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
