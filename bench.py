@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from model import MODELS, NORMS
+from utils.cpu_conv import use_fp32_weight_grads
 from utils.data import DataError, _class_dirs, _image_files, make_loader, read_image, train_transform
 from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.engine import evaluate, train_one_epoch
@@ -112,6 +113,9 @@ def bench_model(args, name, device) -> dict:
     model = MODELS[name](norm=args.norm).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    wgrad = args.fp32_weight_grads and device.type == "cpu" and precision.dtype == torch.bfloat16
+    if wgrad:
+        use_fp32_weight_grads(model)  # as main.py does
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant: speed only
@@ -133,6 +137,7 @@ def bench_model(args, name, device) -> dict:
         rates[f"reference_{phase}"] = n / statistics.median(secs)
     return {"model": name, "norm": args.norm, "precision": precision.name,
             "memory_format": "channels_last" if channels_last else "NCHW", "compile": args.compile,
+            "fp32_weight_grads": wgrad,
             "train_images_per_s": rates["train"], "eval_images_per_s": rates["eval"],
             "reference_train_images_per_s": rates["reference_train"],
             "reference_eval_images_per_s": rates["reference_eval"],
@@ -190,6 +195,8 @@ def build_parser():
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="our step's channels_last memory format (as main.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")
+    p.add_argument("--fp32-weight-grads", action=argparse.BooleanOptionalAction, default=True,
+                   help="our step on a bf16 CPU: square convolutions' weight gradients in fp32 (as main.py)")
     p.add_argument("--steps", type=int, default=10, help="batches per timed window")
     p.add_argument("--warmup", type=int, default=2, help="untimed windows first")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")

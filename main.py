@@ -31,6 +31,7 @@ from model import MODELS, NORMS
 from utils import io as run_io
 from utils.analysis import channel_stats, class_counts, confusion_matrix, per_class, top_losses
 from utils.cifar import MEAN, STD, to_uint8_image
+from utils.cpu_conv import Conv2dFP32WeightGrad, use_fp32_weight_grads
 from utils.data import (DataError, balanced_subset, default_workers, image_sizes, load_data,
                         make_loader, test_transform, train_transform)
 from utils import dist as dist_utils
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "continue their augmentation streams instead of reseeding every epoch)")
     g.add_argument("--prefetch", type=_int_at_least(1), default=4,
                    help="batches each loader worker prepares ahead")
+    g.add_argument("--fp32-weight-grads", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU with bf16: square convolutions compute their weight gradients in fp32, "
+                        "around a slow oneDNN AMX kernel (utils/cpu_conv.py)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
 
@@ -450,6 +454,8 @@ def train(args) -> int:
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if args.fp32_weight_grads and device.type == "cpu" and precision.dtype == torch.bfloat16:
+        use_fp32_weight_grads(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     print(table, end="")
 
@@ -489,13 +495,15 @@ def train(args) -> int:
         train_net = torch.compile(train_net)
         eval_net = torch.compile(model) if ddp.enabled else train_net
 
+    wgrad_fix = any(isinstance(m, Conv2dFP32WeightGrad) for m in model.modules())
     parallel = (f"processes: {ddp.world_size} (global batch {args.batch_size}, "
                 f"{args.batch_size // ddp.world_size} each{', SyncBatchNorm' if args.sync_bn else ''}) | "
                 if ddp.enabled else "")
     loading = "gpu-aug (on the device)" if args.gpu_aug else f"workers: {args.workers}"
     setup = (f"device: {device} | precision: {precision.name} | memory format: "
              f"{'channels_last' if channels_last else 'NCHW'} | threads: {torch.get_num_threads()} | "
-             f"{parallel}{loading}{' | torch.compile' if args.compile else ''}\n"
+             f"{parallel}{loading}{' | torch.compile' if args.compile else ''}"
+             f"{' | fp32 weight grads of square convs' if wgrad_fix else ''}\n"
              f"data: {args.data_dir} ({len(train_split.labels)} train, {len(test_split.labels)} test, "
              f"{len(classes)} classes) | batch {args.batch_size} | {args.optimizer} lr {args.lr} | "
              f"{args.scheduler} | epochs {args.epochs} | test-time flip {'on' if args.tta else 'off'} | "

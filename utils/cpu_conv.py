@@ -1,0 +1,64 @@
+"""A workaround for one slow oneDNN kernel: bf16 weight gradients of square convolutions on AMX CPUs.
+
+Measured on this repository's CPU (Xeon with AMX, torch 2.15, oneDNN 3.13, batch 128,
+channels_last): the bf16 backward-weights kernel (``brgconv_bwd_w:..._amx``) of a 3x3
+convolution with as many output as input channels takes about 1.07 s whatever its size
+(64->64 at 32x32, 128->128 at 16x16, 256->256 at 8x8, 512->512 at 4x4), while 64->128 at
+32x32 takes 0.12 s and the same square gradients in fp32 take 0.15-0.19 s. Those are
+the residual convolutions of both networks, so they were three quarters of a bf16 step.
+``use_fp32_weight_grads`` makes exactly those convolutions compute their weight (and
+bias) gradient in fp32; the forward pass and the input gradient stay bf16 on AMX.
+Nothing changes on GPUs, in fp32 or without autograd. Details: README, "Speed".
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _BF16ConvFP32WeightGrad(torch.autograd.Function):
+    """conv2d in bf16; backward: input gradient in bf16, weight and bias gradients in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(xb, wb)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups, bias is not None)
+        return F.conv2d(xb, wb, None if bias is None else bias.to(torch.bfloat16), stride, padding,
+                        dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        bias_sizes = [wb.shape[0]] if has_bias else None
+
+        def conv_backward(g, x, w, mask):
+            return torch.ops.aten.convolution_backward(g, x, w, bias_sizes, stride, padding, dilation,
+                                                       False, [0, 0], groups, mask)
+        gx = conv_backward(grad.to(torch.bfloat16), xb, wb, [need_x, False, False])[0] if need_x else None
+        gw = gb = None
+        if need_w or (has_bias and need_b):
+            _, gw, gb = conv_backward(grad.float(), xb.float(), wb.float(), [False, need_w, has_bias and need_b])
+        return gx, gw, gb, None, None, None, None
+
+
+class Conv2dFP32WeightGrad(nn.Conv2d):
+    """An nn.Conv2d (same parameters, same state_dict) that takes the workaround under CPU bf16 autocast."""
+
+    def _conv_forward(self, input, weight, bias):
+        if (input.device.type == "cpu" and self.padding_mode == "zeros" and torch.is_grad_enabled()
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return _BF16ConvFP32WeightGrad.apply(input, weight, bias, self.stride, self.padding,
+                                                 self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+def use_fp32_weight_grads(model: nn.Module) -> int:
+    """Switch the square nn.Conv2d layers of ``model`` to Conv2dFP32WeightGrad; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d and module.in_channels == module.out_channels:
+            module.__class__ = Conv2dFP32WeightGrad  # same attributes and parameters: only forward differs
+            count += 1
+    return count
