@@ -195,8 +195,8 @@ def build_parser():
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="our step's channels_last memory format (as main.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")
-    p.add_argument("--fp32-weight-grads", action=argparse.BooleanOptionalAction, default=True,
-                   help="our step on a bf16 CPU: square convolutions' weight gradients in fp32 (as main.py)")
+    p.add_argument("--fp32-weight-grads", action="store_true",
+                   help="our step on a bf16 CPU: square convolutions' weight gradients in fp32 (main.py's flag)")
     p.add_argument("--steps", type=int, default=10, help="batches per timed window")
     p.add_argument("--warmup", type=int, default=2, help="untimed windows first")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")

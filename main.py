@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "continue their augmentation streams instead of reseeding every epoch)")
     g.add_argument("--prefetch", type=_int_at_least(1), default=4,
                    help="batches each loader worker prepares ahead")
-    g.add_argument("--fp32-weight-grads", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU with bf16: square convolutions compute their weight gradients in fp32, "
-                        "around a slow oneDNN AMX kernel (utils/cpu_conv.py)")
+    g.add_argument("--fp32-weight-grads", action="store_true",
+                   help="CPU with bf16: square convolutions compute their weight gradients in fp32; "
+                        "much faster when other processes share the cores (utils/cpu_conv.py)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
 
@@ -523,7 +523,7 @@ def train(args) -> int:
                 "epoch": epoch, "best_acc": best_acc, "args": vars(args), "classes": list(classes),
                 "history": history, "lrs": lrs}
 
-    epoch = start_epoch - 1
+    epoch = done = start_epoch - 1  # done: the last epoch in last.pt
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             set_epoch(train_loader, args.seed, epoch, ddp.rank)
@@ -553,16 +553,17 @@ def train(args) -> int:
                 if is_best:
                     run_io.save_checkpoint(out / "best.pt", state)
                 write_report(out, f"training: {epoch} of {args.epochs} epochs done")
+            done = epoch
             single = f" (single view {te['single_acc']:.2f}%)" if args.tta else ""
             print(f"{desc} | lr {tr['lr']:.4g} | train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | "
                   f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{' (best)' if is_best else ''}"
                   f"{single} | "
                   f"{row['seconds']:.1f}s ({tr['images_per_s']:.0f} img/s train)", flush=True)
     except KeyboardInterrupt:
-        done = f"after epoch {epoch}" if epoch >= start_epoch else "before the first epoch ended"
-        print(f"\ninterrupted {done}: continue with --resume {out / 'last.pt'}", file=sys.stderr)
+        where = f"after epoch {done}" if done >= start_epoch else "before the first epoch ended"
+        print(f"\ninterrupted {where}: continue with --resume {out / 'last.pt'}", file=sys.stderr)
         if main_proc:
-            write_report(out, f"interrupted {done}: continue with --resume {out / 'last.pt'}")
+            write_report(out, f"interrupted {where}: continue with --resume {out / 'last.pt'}")
         return 130
 
     agreement = ""

@@ -78,7 +78,7 @@ def test_learns_a_learnable_task(tmp_path):
     assert float(rows[-1]["test_loss"]) < 0.5 * float(rows[0]["test_loss"])
 
 
-def test_resume_repeats_an_uninterrupted_run(image_folder, tmp_path, monkeypatch):
+def test_resume_repeats_an_uninterrupted_run(image_folder, tmp_path, monkeypatch, capsys):
     flags = ("--deterministic", "--seed", "3")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(image_folder, straight, *flags) == 0
@@ -93,8 +93,11 @@ def test_resume_repeats_an_uninterrupted_run(image_folder, tmp_path, monkeypatch
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(main_module, "train_one_epoch", interrupted_in_epoch_2)
+    capsys.readouterr()
     assert run(image_folder, resumed, *flags) == 130
     assert load_checkpoint(resumed / "last.pt")["epoch"] == 1
+    # interrupted during epoch 2: the message names the epoch last.pt holds
+    assert f"interrupted after epoch 1: continue with --resume {resumed / 'last.pt'}" in capsys.readouterr().err
     monkeypatch.setattr(main_module, "train_one_epoch", real_train)
     assert run(image_folder, resumed, *flags, "--resume", str(resumed / "last.pt")) == 0
 

@@ -1,14 +1,18 @@
-"""A workaround for one slow oneDNN kernel: bf16 weight gradients of square convolutions on AMX CPUs.
+"""``--fp32-weight-grads``: square convolutions take their weight gradients in fp32 on a bf16 CPU.
 
-Measured on this repository's CPU (Xeon with AMX, torch 2.15, oneDNN 3.13, batch 128,
-channels_last): the bf16 backward-weights kernel (``brgconv_bwd_w:..._amx``) of a 3x3
-convolution with as many output as input channels takes about 1.07 s whatever its size
-(64->64 at 32x32, 128->128 at 16x16, 256->256 at 8x8, 512->512 at 4x4), while 64->128 at
-32x32 takes 0.12 s and the same square gradients in fp32 take 0.15-0.19 s. Those are
-the residual convolutions of both networks, so they were three quarters of a bf16 step.
-``use_fp32_weight_grads`` makes exactly those convolutions compute their weight (and
-bias) gradient in fp32; the forward pass and the input gradient stay bf16 on AMX.
-Nothing changes on GPUs, in fp32 or without autograd. Details: README, "Speed".
+Measured on this repository's CPU (2 cores of a Xeon with AMX, torch 2.15, oneDNN 3.13,
+batch 128, channels_last): oneDNN's bf16 backward-weights kernel (``brgconv_bwd_w`` on
+AMX) for a 3x3 convolution with as many output as input channels takes 30 ms for
+128->128 at 16x16 when the process has both cores, but about 1.06 s when another
+process competes for them, whatever the layer's size (64->64 at 32x32, 256->256 at
+8x8 and 512->512 at 4x4 too; widening layers are not hit); the same gradient in fp32
+goes from 70 to 180 ms. Those square layers are the residual convolutions of both
+networks, so a bf16 step shared with other work (loader workers, a test suite, a
+second run) slows to below the fp32 one. With this option those layers compute
+their weight and bias gradients in fp32; the forward pass and the input gradient stay
+bf16. With the cores to itself a step is as fast either way for custom_resnet and
+about 9% slower for resnet18 (interleaved, median of 10 steps), so it is off by
+default. Nothing changes on GPUs, in fp32 or without autograd.
 """
 import torch
 import torch.nn as nn
