@@ -342,19 +342,22 @@ def check_parallel(args, ddp, device) -> None:
                        f"{ddp.world_size} processes: pass a multiple of {ddp.world_size}")
 
 
-def build_loaders(args, train_split, test_split, device, ddp) -> tuple:
-    """(train, test) loaders of this process: --gpu-aug's DeviceLoaders or Albumentations DataLoaders."""
+def build_loader(args, split, device, train: bool, ddp=None):
+    """This process's loader of ``split``: a --gpu-aug DeviceLoader or an Albumentations DataLoader.
+
+    ``ddp`` (one process when None) picks the shard and splits the global --batch-size.
+    """
+    ddp = ddp or dist_utils.Dist()
     batch = args.batch_size // ddp.world_size
     shard = {"rank": ddp.rank, "world_size": ddp.world_size}
     if args.gpu_aug:
-        return (DeviceLoader(train_split.images, train_split.labels, batch, device, train=True,
-                             cutout_p=args.cutout_p, **shard),
-                DeviceLoader(test_split.images, test_split.labels, batch, device, train=False, **shard))
+        augment = {"cutout_p": args.cutout_p} if train else {}
+        return DeviceLoader(split.images, split.labels, batch, device, train=train, **augment, **shard)
     persistent = device.type == "cuda" if args.persistent_workers is None else args.persistent_workers
-    common = {"workers": args.workers, "pin_memory": device.type == "cuda", "persistent": persistent,
-              "prefetch": args.prefetch, **shard}
-    return (make_loader(train_split, train_transform(args.cutout_p), batch, train=True, **common),
-            make_loader(test_split, test_transform(), batch, train=False, **common))
+    transform = train_transform(args.cutout_p) if train else test_transform()
+    return make_loader(split, transform, batch, train=train, workers=args.workers,
+                       pin_memory=device.type == "cuda", persistent=persistent, prefetch=args.prefetch,
+                       **shard)
 
 
 def model_summary(model) -> str:
@@ -443,7 +446,8 @@ def train(args) -> int:
 
     train_split, test_split = load_splits(args)
     classes = train_split.classes
-    train_loader, test_loader = build_loaders(args, train_split, test_split, device, ddp)
+    train_loader = build_loader(args, train_split, device, train=True, ddp=ddp)
+    test_loader = build_loader(args, test_split, device, train=False, ddp=ddp)
 
     model = MODELS[args.model](num_classes=len(classes), norm=args.norm)
     try:  # a typo here must stop the run now, not after the last epoch
@@ -578,9 +582,7 @@ def train(args) -> int:
     if not main_proc:
         return 0
     if ddp.enabled:  # the galleries need every test image in one process
-        test_loader = (DeviceLoader(test_split.images, test_split.labels, args.batch_size, device, train=False)
-                       if args.gpu_aug else
-                       make_loader(test_split, test_transform(), args.batch_size, train=False, workers=0))
+        test_loader = build_loader(args, test_split, device, train=False)
     if history:
         save_figure(plot_curves(history), out / "curves.png")
         save_figure(lr_figure(lrs, len(train_loader)), out / "lr.png")

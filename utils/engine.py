@@ -74,8 +74,8 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, device=device)  # loss, correct, single loss, single correct
-    seen = 0
+    # loss, correct, single-view loss, single-view correct, images seen
+    sums = torch.zeros(5, device=device)
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
@@ -86,11 +86,11 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
         for k, out in ((0, logits), (2, single)):
             sums[k] += F.cross_entropy(out, labels, reduction="sum")
             sums[k + 1] += (out.argmax(1) == labels).sum()
-        seen += labels.size(0)
+        sums[4] += labels.size(0)
     model.train(was_training)
     all_reduce_sum(sums)  # under torchrun each process saw its own share of the test set
-    seen = int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
-    loss, correct, single_loss, single_correct = (sums / max(seen, 1)).tolist()  # waits for the device
+    # .tolist() waits for the device, so the time is real
+    loss, correct, single_loss, single_correct, _ = (sums / sums[4].clamp(min=1)).tolist()
     seconds = time.perf_counter() - start
     return {"loss": loss, "acc": 100.0 * correct, "single_loss": single_loss,
             "single_acc": 100.0 * single_correct, "seconds": seconds}
