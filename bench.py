@@ -14,13 +14,21 @@ compute rates. Warm-up windows are excluded, each figure is the median of
 ``torch.cuda.synchronize()``. With ``--data-dir``, the data pipeline is timed on
 real image files: Albumentations transforms plus collation, per worker count
 (workers 0 = in the main process), and the ``--gpu-aug`` batched path on the device.
+With ``--real-epoch`` as well, each model also trains one real epoch through
+``main.main`` (the whole image folder, decoded, augmented by the loader's workers,
+then evaluated with the test-time flip), and that epoch's training images per second
+of wall time are set against the same run's reference compute rate.
 Prints a table and writes JSON (``--json``).
 """
 import argparse
+import contextlib
+import csv
+import io
 import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +38,8 @@ import torch.nn as nn
 
 from model import MODELS, NORMS
 from utils.cpu_conv import use_fp32_weight_grads
-from utils.data import DataError, _class_dirs, _image_files, make_loader, read_image, train_transform
+from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_image,
+                        train_transform)
 from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.engine import evaluate, train_one_epoch
 from utils.gpu_aug import DeviceLoader
@@ -184,6 +193,42 @@ def bench_data(args, device) -> list:
     return rows
 
 
+def bench_real_epoch(args, row, images, decode_seconds) -> dict:
+    """One epoch of ``main.py`` on ``--data-dir`` for ``row``'s model, against its reference rate.
+
+    ``epoch_seconds`` is main.py's own figure (training plus the test pass, after the
+    data is decoded); ``with_decode`` adds the one-off decoding that a run pays before
+    its first epoch, as a one-epoch run would see it.
+    """
+    import main as cli  # the real command, not a copy of its loop
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--model", row["model"], "--norm", args.norm, "--data-dir", str(args.data_dir),
+                "--epochs", "1", "--batch-size", str(args.batch_size), "--device", args.device,
+                "--out-dir", str(Path(tmp) / "run"), "--gallery-size", "0",
+                "--amp" if args.amp else "--no-amp",
+                "--channels-last" if args.channels_last else "--no-channels-last"]
+        argv += ["--compile"] * args.compile + ["--fp32-weight-grads"] * args.fp32_weight_grads
+        argv += ["--workers", str(args.epoch_workers)] if args.epoch_workers is not None else []
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            code = cli.main(argv)
+        command_seconds = time.perf_counter() - start
+        if code != 0:
+            raise SetupError(f"main.py {' '.join(argv)} failed ({code}): {printed.getvalue()[-300:]}")
+        with open(Path(tmp) / "run" / "metrics.csv", newline="") as f:
+            (epoch,) = csv.DictReader(f)
+        args_json = json.loads((Path(tmp) / "run" / "args.json").read_text())
+    seconds = float(epoch["seconds"])
+    rate = images / seconds
+    return {"model": row["model"], "train_images": images, "workers": args_json["workers"],
+            "epoch_seconds": seconds, "decode_seconds": decode_seconds, "command_seconds": command_seconds,
+            "images_per_s": rate, "speedup": rate / row["reference_train_images_per_s"],
+            "images_per_s_with_decode": images / (seconds + decode_seconds),
+            "speedup_with_decode": images / (seconds + decode_seconds) / row["reference_train_images_per_s"],
+            "test_acc": float(epoch["test_acc"])}
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
@@ -204,6 +249,11 @@ def build_parser():
                    help="image folder (train/<class>/*) to time the data pipeline on; none skips it")
     p.add_argument("--data-images", type=int, default=5120, help="images read for the data pipeline")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to time")
+    p.add_argument("--real-epoch", action="store_true",
+                   help="also train one real epoch of main.py per model on --data-dir (the whole folder) "
+                        "and compare it with the reference's compute rate")
+    p.add_argument("--epoch-workers", type=int, default=None,
+                   help="loader workers of the real epoch (default: main.py's)")
     p.add_argument("--json", default="bench.json", help="where to write the results")
     return p
 
@@ -215,6 +265,9 @@ def main(argv=None) -> int:
         if value < 1:
             print(f"error: {flag} {value} must be at least 1", file=sys.stderr)
             return 2
+    if args.real_epoch and not args.data_dir:
+        print("error: --real-epoch trains on an image folder: pass --data-dir too", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
         configure_backends(device)
@@ -225,6 +278,12 @@ def main(argv=None) -> int:
         print(header, flush=True)
         models = [bench_model(args, name, device) for name in args.model]
         data = bench_data(args, device) if args.data_dir else []
+        epochs = []
+        if args.real_epoch:
+            start = time.perf_counter()
+            train = load_data(args.data_dir, download=False)[0]  # what main.py decodes before epoch 1
+            decode_seconds = time.perf_counter() - start
+            epochs = [bench_real_epoch(args, row, len(train.labels), decode_seconds) for row in models]
     except (SetupError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -239,9 +298,15 @@ def main(argv=None) -> int:
     for r in data:
         print(f"data: {r['pipeline']:<22} workers {r['workers']}: {r['images_per_s']:.0f} img/s "
               f"({r['images_per_s_per_worker']:.0f} per worker)")
+    for r in epochs:
+        print(f"real epoch: {r['model']} {r['train_images']} images, workers {r['workers']}: "
+              f"{r['epoch_seconds']:.0f} s (train + test with flip) = {r['images_per_s']:.0f} img/s, "
+              f"{r['speedup']:.2f}x the reference; with the {r['decode_seconds']:.0f} s of decoding "
+              f"{r['images_per_s_with_decode']:.0f} img/s, {r['speedup_with_decode']:.2f}x")
     result = {"device": str(device), "device_name": gpu, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps,
-              "windows": args.windows, "warmup": args.warmup, "models": models, "data": data}
+              "windows": args.windows, "warmup": args.warmup, "models": models, "data": data,
+              "real_epochs": epochs}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
