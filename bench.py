@@ -220,12 +220,12 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
             (epoch,) = csv.DictReader(f)
         args_json = json.loads((Path(tmp) / "run" / "args.json").read_text())
     seconds = float(epoch["seconds"])
-    rate = images / seconds
+    rate, rate_with_decode = images / seconds, images / (seconds + decode_seconds)
+    reference = row["reference_train_images_per_s"]
     return {"model": row["model"], "train_images": images, "workers": args_json["workers"],
             "epoch_seconds": seconds, "decode_seconds": decode_seconds, "command_seconds": command_seconds,
-            "images_per_s": rate, "speedup": rate / row["reference_train_images_per_s"],
-            "images_per_s_with_decode": images / (seconds + decode_seconds),
-            "speedup_with_decode": images / (seconds + decode_seconds) / row["reference_train_images_per_s"],
+            "images_per_s": rate, "speedup": rate / reference,
+            "images_per_s_with_decode": rate_with_decode, "speedup_with_decode": rate_with_decode / reference,
             "test_acc": float(epoch["test_acc"])}
 
 

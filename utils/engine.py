@@ -76,6 +76,7 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
     model.eval()
     # loss, correct, single-view loss, single-view correct, images seen
     sums = torch.zeros(5, device=device)
+    seen = 0
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
@@ -86,8 +87,9 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
         for k, out in ((0, logits), (2, single)):
             sums[k] += F.cross_entropy(out, labels, reduction="sum")
             sums[k + 1] += (out.argmax(1) == labels).sum()
-        sums[4] += labels.size(0)
+        seen += labels.size(0)
     model.train(was_training)
+    sums[4] = seen  # one count beside the sums, so one all_reduce carries both
     all_reduce_sum(sums)  # under torchrun each process saw its own share of the test set
     # .tolist() waits for the device, so the time is real
     loss, correct, single_loss, single_correct, _ = (sums / sums[4].clamp(min=1)).tolist()
