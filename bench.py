@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from model import MODELS, NORMS
-from utils.cpu_conv import use_fp32_weight_grads
+from utils.cpu_conv import use_cpu_convs
 from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_image,
                         train_transform)
 from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
@@ -122,9 +122,9 @@ def bench_model(args, name, device) -> dict:
     model = MODELS[name](norm=args.norm).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    wgrad = args.fp32_weight_grads and device.type == "cpu" and precision.dtype == torch.bfloat16
-    if wgrad:
-        use_fp32_weight_grads(model)  # as main.py does
+    cpu_convs = {}
+    if device.type == "cpu" and precision.dtype == torch.bfloat16:  # as main.py does
+        cpu_convs = use_cpu_convs(model, args.small_map_gemm, args.fp32_weight_grads)
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant: speed only
@@ -146,7 +146,8 @@ def bench_model(args, name, device) -> dict:
         rates[f"reference_{phase}"] = n / statistics.median(secs)
     return {"model": name, "norm": args.norm, "precision": precision.name,
             "memory_format": "channels_last" if channels_last else "NCHW", "compile": args.compile,
-            "fp32_weight_grads": wgrad,
+            "small_map_gemm": bool(cpu_convs.get("small_map_gemm")),
+            "fp32_weight_grads": bool(cpu_convs.get("fp32_weight_grads")),
             "train_images_per_s": rates["train"], "eval_images_per_s": rates["eval"],
             "reference_train_images_per_s": rates["reference_train"],
             "reference_eval_images_per_s": rates["reference_eval"],
@@ -209,6 +210,7 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
                 "--amp" if args.amp else "--no-amp",
                 "--channels-last" if args.channels_last else "--no-channels-last"]
         argv += ["--compile"] * args.compile + ["--fp32-weight-grads"] * args.fp32_weight_grads
+        argv += ["--small-map-gemm" if args.small_map_gemm else "--no-small-map-gemm"]
         argv += ["--workers", str(args.epoch_workers)] if args.epoch_workers is not None else []
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -240,6 +242,8 @@ def build_parser():
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="our step's channels_last memory format (as main.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")
+    p.add_argument("--small-map-gemm", action=argparse.BooleanOptionalAction, default=True,
+                   help="our step on a bf16 CPU: 4x4 convolutions as one matrix multiply (main.py's flag)")
     p.add_argument("--fp32-weight-grads", action="store_true",
                    help="our step on a bf16 CPU: square convolutions' weight gradients in fp32 (main.py's flag)")
     p.add_argument("--steps", type=int, default=10, help="batches per timed window")

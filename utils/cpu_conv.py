@@ -1,22 +1,39 @@
-"""``--fp32-weight-grads``: square convolutions take their weight gradients in fp32 on a bf16 CPU.
+"""Two workarounds for oneDNN's bf16 convolutions on this repository's CPU, chosen per module.
 
-Measured on this repository's CPU (2 cores of a Xeon with AMX, torch 2.15, oneDNN 3.13,
-batch 128, channels_last): oneDNN's bf16 backward-weights kernel (``brgconv_bwd_w`` on
-AMX) for a 3x3 convolution with as many output as input channels takes 30 ms for
-128->128 at 16x16 when the process has both cores, but about 1.06 s when another
-process competes for them, whatever the layer's size (64->64 at 32x32, 256->256 at
-8x8 and 512->512 at 4x4 too; widening layers are not hit); the same gradient in fp32
-goes from 70 to 180 ms. Those square layers are the residual convolutions of both
-networks, so a bf16 step shared with other work (loader workers, a test suite, a
-second run) slows to below the fp32 one. With this option those layers compute
-their weight and bias gradients in fp32; the forward pass and the input gradient stay
-bf16. With the cores to itself a step is as fast either way for custom_resnet and
-about 9% slower for resnet18 (interleaved, median of 10 steps), so it is off by
-default. Nothing changes on GPUs, in fp32 or without autograd.
+Both apply only on the CPU under bf16 autocast; on GPUs, in fp32 and outside autocast a
+switched module is a plain ``nn.Conv2d`` (same parameters, same state_dict).
+
+**Small maps as one matrix multiply** (``--small-map-gemm``, on by default). oneDNN's
+AMX convolution kernels (``brg_conv_fwd``, ``brgconv_bwd_w``) are slow when the output
+map is tiny: a 512->512 3x3 convolution at 4x4 (ResNet-18's layer4, the custom ResNet's
+layer3 ResBlock), batch 128, took 39 ms forward and 206 ms forward plus backward here,
+against 15 and 60 ms for 64->64 at 32x32, which has the same FLOPs. Written as im2col
+(nine shifted slices of the padded NHWC input, concatenated) and one bf16 GEMM, the
+4x4 layer takes 17 and 71 ms; at 8x8 the GEMM is already slower (101 against 86 ms),
+so only outputs of at most ``GEMM_MAX_PIXELS`` pixels take it. The input gradient is
+summed back from the nine slices in fp32, the weight gradient is one GEMM with fp32
+accumulation.
+
+**fp32 weight gradients of square convolutions** (``--fp32-weight-grads``, off by
+default). Measured here (2 cores of a Xeon with AMX, torch 2.15, oneDNN 3.13, batch
+128, channels_last): oneDNN's bf16 backward-weights kernel (``brgconv_bwd_w`` on AMX)
+for a 3x3 convolution with as many output as input channels takes 30 ms for 128->128
+at 16x16 when the process has both cores, but about 1.06 s when another process
+competes for them, whatever the layer's size (64->64 at 32x32, 256->256 at 8x8 and
+512->512 at 4x4 too; widening layers are not hit); the same gradient in fp32 goes from
+70 to 180 ms. Those square layers are the residual convolutions of both networks, so a
+bf16 step shared with other work (loader workers, a test suite, a second run) slows to
+below the fp32 one. With this option those layers compute their weight and bias
+gradients in fp32; the forward pass and the input gradient stay bf16. With the cores
+to itself a step is as fast either way for custom_resnet and about 9% slower for
+resnet18 (interleaved, median of 10 steps), so it is off by default. A square layer
+that takes the GEMM above computes its weight gradient as an fp32 GEMM instead.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+GEMM_MAX_PIXELS = 16  # output maps up to 4x4 go through the GEMM
 
 
 class _BF16ConvFP32WeightGrad(torch.autograd.Function):
@@ -47,22 +64,95 @@ class _BF16ConvFP32WeightGrad(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-class Conv2dFP32WeightGrad(nn.Conv2d):
-    """An nn.Conv2d (same parameters, same state_dict) that takes the workaround under CPU bf16 autocast."""
+def _windows(padded, kernel, stride, out_size):
+    """The kernel's k*k shifted, strided views of a padded (N, H, W, C) tensor, each (N, Ho, Wo, C)."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_size
+    return [(i, j, padded[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw])
+            for i in range(kh) for j in range(kw)]
+
+
+class _BF16GemmConv(torch.autograd.Function):
+    """conv2d (groups 1, dilation 1) as im2col and one bf16 GEMM, for maps where oneDNN is slow."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, fp32_weight_grad):
+        n, c, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        (sh, sw), (ph, pw) = stride, padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        padded = F.pad(x.to(torch.bfloat16).permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # N, H+2p, W+2p, C
+        cols = torch.cat([v for _, _, v in _windows(padded, (kh, kw), (sh, sw), (ho, wo))], dim=-1)
+        cols = cols.reshape(n * ho * wo, kh * kw * c)
+        wmat = weight.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(o, kh * kw * c)  # matches cols' order
+        out = cols @ wmat.t() if bias is None else torch.addmm(bias.to(torch.bfloat16), cols, wmat.t())
+        ctx.save_for_backward(cols, wmat)
+        ctx.geometry = (x.shape, x.dtype, weight.shape, (kh, kw), (sh, sw), (ph, pw), (ho, wo), bias is not None)
+        ctx.fp32_weight_grad = fp32_weight_grad
+        return out.view(n, ho, wo, o).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
+
+    @staticmethod
+    def backward(ctx, grad):
+        cols, wmat = ctx.saved_tensors
+        x_shape, x_dtype, w_shape, kernel, stride, (ph, pw), out_size, has_bias = ctx.geometry
+        fp32_weight_grad = ctx.fp32_weight_grad
+        n, c, h, w = x_shape
+        gmat = grad.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(-1, w_shape[0])  # N*Ho*Wo, O
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gcols = (gmat @ wmat).view(n, *out_size, *kernel, c)
+            padded = torch.zeros(n, h + 2 * ph, w + 2 * pw, c)  # fp32: the k*k windows overlap
+            for i, j, view in _windows(padded, kernel, stride, out_size):
+                view += gcols[:, :, :, i, j]
+            gx = padded[:, ph:ph + h, pw:pw + w].to(x_dtype).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            gw = gmat.float().t() @ cols.float() if fp32_weight_grad else (gmat.t() @ cols).float()
+            gw = gw.view(w_shape[0], *kernel, c).permute(0, 3, 1, 2)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = gmat.float().sum(0)
+        return gx, gw, gb, None, None, None
+
+
+def _cpu_bf16(x) -> bool:
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+class CpuConv2d(nn.Conv2d):
+    """An nn.Conv2d (same parameters, same state_dict) that takes the workarounds switched on for it."""
+
+    small_map_gemm = False
+    fp32_weight_grads = False
+
+    def _gemm_fits(self, x) -> bool:
+        if not (self.small_map_gemm and x.dim() == 4 and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            return False
+        (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], self.kernel_size, self.stride, self.padding
+        return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1) <= GEMM_MAX_PIXELS
 
     def _conv_forward(self, input, weight, bias):
-        if (input.device.type == "cpu" and self.padding_mode == "zeros" and torch.is_grad_enabled()
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-            return _BF16ConvFP32WeightGrad.apply(input, weight, bias, self.stride, self.padding,
-                                                 self.dilation, self.groups)
+        if _cpu_bf16(input):
+            if self._gemm_fits(input):
+                return _BF16GemmConv.apply(input, weight, bias, self.stride, self.padding, self.fp32_weight_grads)
+            if self.fp32_weight_grads and torch.is_grad_enabled() and self.padding_mode == "zeros":
+                return _BF16ConvFP32WeightGrad.apply(input, weight, bias, self.stride, self.padding,
+                                                     self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 
-def use_fp32_weight_grads(model: nn.Module) -> int:
-    """Switch the square nn.Conv2d layers of ``model`` to Conv2dFP32WeightGrad; returns how many."""
-    count = 0
+def use_cpu_convs(model: nn.Module, small_map_gemm: bool = True, fp32_weight_grads: bool = False) -> dict:
+    """Switch ``model``'s nn.Conv2d layers to CpuConv2d; returns how many take each workaround.
+
+    Every convolution may take the GEMM (whether it does depends on its output size at run
+    time); only square ones (as many output as input channels) take the fp32 weight gradients.
+    """
+    counts = {"small_map_gemm": 0, "fp32_weight_grads": 0}
     for module in model.modules():
-        if type(module) is nn.Conv2d and module.in_channels == module.out_channels:
-            module.__class__ = Conv2dFP32WeightGrad  # same attributes and parameters: only forward differs
-            count += 1
-    return count
+        if type(module) not in (nn.Conv2d, CpuConv2d):
+            continue
+        module.__class__ = CpuConv2d  # same attributes and parameters: only forward differs
+        module.small_map_gemm = small_map_gemm
+        module.fp32_weight_grads = fp32_weight_grads and module.in_channels == module.out_channels
+        counts["small_map_gemm"] += module.small_map_gemm
+        counts["fp32_weight_grads"] += module.fp32_weight_grads
+    return counts
