@@ -9,9 +9,11 @@ loop main.py runs, with its precision and memory format) and evaluation images/s
 (``utils.engine.evaluate``, one view), then the same model and batch in a plain
 reference loop (fp32, NCHW, per-batch ``.item()``: the kuangliu/pytorch-cifar style),
 reported as a ratio. Inputs are synthetic and already in memory, so these are
-compute rates. Warm-up windows are excluded, each figure is the median of
+compute rates. Warm-up windows are excluded, each rate is the median of
 ``--windows`` timed windows of ``--steps`` batches, and GPU work is timed after
-``torch.cuda.synchronize()``. With ``--data-dir``, the data pipeline is timed on
+``torch.cuda.synchronize()``. Our windows and the reference's take turns, and the
+ratio is the median of the ratios of neighbouring windows, so a machine whose speed
+drifts (this project's CPU VM: up to 2x within minutes) slows both sides alike. With ``--data-dir``, the data pipeline is timed on
 real image files: Albumentations transforms plus collation, per worker count
 (workers 0 = in the main process), and the ``--gpu-aug`` batched path on the device.
 With ``--real-epoch`` as well, each model also trains one real epoch through
@@ -50,17 +52,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed_windows(run_window, device, warmup: int, windows: int) -> list:
-    """Seconds of each timed window, after ``warmup`` untimed ones."""
+def timed_windows(runs: dict, device, warmup: int, windows: int) -> dict:
+    """Seconds of each timed window per entry of ``runs`` (name -> callable), after ``warmup`` untimed rounds.
+
+    The entries take turns, window by window, so that all of them see the same
+    machine: a shared or throttled CPU drifts by up to 2x within minutes.
+    """
     for _ in range(warmup):
-        run_window()
-    seconds = []
+        for run in runs.values():
+            run()
+    seconds = {name: [] for name in runs}
     for _ in range(windows):
-        sync(device)
-        start = time.perf_counter()
-        run_window()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
+        for name, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
     return seconds
 
 
@@ -116,7 +124,6 @@ def bench_model(args, name, device) -> dict:
     channels_last = use_channels_last(device, args.channels_last, args.norm)
     batches = synthetic_batches(args.steps, args.batch_size, device, pin=device.type == "cuda")
     n = args.steps * args.batch_size
-    rates = {}
 
     torch.manual_seed(0)
     model = MODELS[name](norm=args.norm).to(device)
@@ -135,15 +142,17 @@ def bench_model(args, name, device) -> dict:
                                          device, precision, channels_last),
         "eval": lambda: evaluate(step_model, batches, device, precision, channels_last, tta=False),
     }
-    for phase, window in ours.items():
-        secs = timed_windows(window, device, args.warmup, args.windows)
-        rates[phase] = n / statistics.median(secs)
-
     torch.manual_seed(0)
     ref = MODELS[name](norm=args.norm).to(device)
-    for phase, make in (("train", reference_train), ("eval", reference_eval)):
-        secs = timed_windows(make(ref, batches, device), device, args.warmup, args.windows)
-        rates[f"reference_{phase}"] = n / statistics.median(secs)
+    reference = {"train": reference_train, "eval": reference_eval}
+    rates, speedups = {}, {}
+    for phase in ("train", "eval"):
+        secs = timed_windows({"ours": ours[phase], "ref": reference[phase](ref, batches, device)},
+                             device, args.warmup, args.windows)
+        rates[phase] = n / statistics.median(secs["ours"])
+        rates[f"reference_{phase}"] = n / statistics.median(secs["ref"])
+        # the ratio of each pair of neighbouring windows, so that a drift in machine speed cancels
+        speedups[phase] = statistics.median(r / o for o, r in zip(secs["ours"], secs["ref"], strict=True))
     return {"model": name, "norm": args.norm, "precision": precision.name,
             "memory_format": "channels_last" if channels_last else "NCHW", "compile": args.compile,
             "small_map_gemm": bool(cpu_convs.get("small_map_gemm")),
@@ -151,8 +160,7 @@ def bench_model(args, name, device) -> dict:
             "train_images_per_s": rates["train"], "eval_images_per_s": rates["eval"],
             "reference_train_images_per_s": rates["reference_train"],
             "reference_eval_images_per_s": rates["reference_eval"],
-            "train_speedup": rates["train"] / rates["reference_train"],
-            "eval_speedup": rates["eval"] / rates["reference_eval"]}
+            "train_speedup": speedups["train"], "eval_speedup": speedups["eval"]}
 
 
 def read_images(data_dir, n: int) -> np.ndarray:
@@ -187,7 +195,7 @@ def bench_data(args, device) -> list:
     def window():
         for _batch in loader:
             pass
-    secs = timed_windows(window, device, 1, args.windows)
+    secs = timed_windows({"gpu-aug": window}, device, 1, args.windows)["gpu-aug"]
     rows.append({"pipeline": f"gpu-aug on {device.type}", "workers": 0,
                  "images_per_s": len(images) / statistics.median(secs),
                  "images_per_s_per_worker": len(images) / statistics.median(secs)})
@@ -298,7 +306,8 @@ def main(argv=None) -> int:
               f"{r['train_images_per_s']:>12.0f}{r['reference_train_images_per_s']:>11.0f}"
               f"{r['train_speedup']:>6.2f}x{r['eval_images_per_s']:>12.0f}"
               f"{r['reference_eval_images_per_s']:>11.0f}{r['eval_speedup']:>6.2f}x")
-    print("reference: fp32, NCHW, .item() every batch (kuangliu/pytorch-cifar)")
+    print("reference: fp32, NCHW, .item() every batch (kuangliu/pytorch-cifar); "
+          "ratio: median over neighbouring windows")
     for r in data:
         print(f"data: {r['pipeline']:<22} workers {r['workers']}: {r['images_per_s']:.0f} img/s "
               f"({r['images_per_s_per_worker']:.0f} per worker)")

@@ -106,3 +106,11 @@ def test_bench_real_epoch_needs_a_folder(capsys):
 def test_bench_rejects_a_bad_flag(capsys):
     assert bench.main(["--batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --batch-size 0 must be at least 1"
+
+
+def test_bench_windows_take_turns():
+    calls = []
+    seconds = bench.timed_windows({"ours": lambda: calls.append("ours"), "ref": lambda: calls.append("ref")},
+                                  torch.device("cpu"), warmup=1, windows=2)
+    assert calls == ["ours", "ref"] * 3  # one warm-up round, then two timed ones, alternating
+    assert [len(s) for s in seconds.values()] == [2, 2]
