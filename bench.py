@@ -13,8 +13,9 @@ compute rates. Warm-up windows are excluded, each rate is the median of
 ``--windows`` timed windows of ``--steps`` batches, and GPU work is timed after
 ``torch.cuda.synchronize()``. Our windows and the reference's take turns, and the
 ratio is the median of the ratios of neighbouring windows, so a machine whose speed
-drifts (this project's CPU VM: up to 2x within minutes) slows both sides alike. With ``--data-dir``, the data pipeline is timed on
-real image files: Albumentations transforms plus collation, per worker count
+drifts (this project's CPU VM: up to 2x within minutes) slows both sides alike.
+With ``--data-dir``, the data pipeline is timed on real image files:
+Albumentations transforms plus collation, per worker count
 (workers 0 = in the main process), and the ``--gpu-aug`` batched path on the device.
 With ``--real-epoch`` as well, each model also trains one real epoch through
 ``main.main`` (the whole image folder, decoded, augmented by the loader's workers,

@@ -64,6 +64,11 @@ class _BF16ConvFP32WeightGrad(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+def _out_size(size, kernel, stride, padding):
+    """(Ho, Wo) of a convolution (dilation 1) over an input of (H, W)."""
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel, stride, padding, strict=True))
+
+
 def _windows(padded, kernel, stride, out_size):
     """The kernel's k*k shifted, strided views of a padded (N, H, W, C) tensor, each (N, Ho, Wo, C)."""
     (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_size
@@ -78,15 +83,14 @@ class _BF16GemmConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, fp32_weight_grad):
         n, c, h, w = x.shape
         o, _, kh, kw = weight.shape
-        (sh, sw), (ph, pw) = stride, padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        (ph, pw), (ho, wo) = padding, _out_size((h, w), (kh, kw), stride, padding)
         padded = F.pad(x.to(torch.bfloat16).permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # N, H+2p, W+2p, C
-        cols = torch.cat([v for _, _, v in _windows(padded, (kh, kw), (sh, sw), (ho, wo))], dim=-1)
+        cols = torch.cat([v for _, _, v in _windows(padded, (kh, kw), stride, (ho, wo))], dim=-1)
         cols = cols.reshape(n * ho * wo, kh * kw * c)
         wmat = weight.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(o, kh * kw * c)  # matches cols' order
         out = cols @ wmat.t() if bias is None else torch.addmm(bias.to(torch.bfloat16), cols, wmat.t())
         ctx.save_for_backward(cols, wmat)
-        ctx.geometry = (x.shape, x.dtype, weight.shape, (kh, kw), (sh, sw), (ph, pw), (ho, wo), bias is not None)
+        ctx.geometry = (x.shape, x.dtype, weight.shape, (kh, kw), stride, (ph, pw), (ho, wo), bias is not None)
         ctx.fp32_weight_grad = fp32_weight_grad
         return out.view(n, ho, wo, o).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
 
@@ -94,7 +98,6 @@ class _BF16GemmConv(torch.autograd.Function):
     def backward(ctx, grad):
         cols, wmat = ctx.saved_tensors
         x_shape, x_dtype, w_shape, kernel, stride, (ph, pw), out_size, has_bias = ctx.geometry
-        fp32_weight_grad = ctx.fp32_weight_grad
         n, c, h, w = x_shape
         gmat = grad.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(-1, w_shape[0])  # N*Ho*Wo, O
         gx = gw = gb = None
@@ -105,7 +108,7 @@ class _BF16GemmConv(torch.autograd.Function):
                 view += gcols[:, :, :, i, j]
             gx = padded[:, ph:ph + h, pw:pw + w].to(x_dtype).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            gw = gmat.float().t() @ cols.float() if fp32_weight_grad else (gmat.t() @ cols).float()
+            gw = gmat.float().t() @ cols.float() if ctx.fp32_weight_grad else (gmat.t() @ cols).float()
             gw = gw.view(w_shape[0], *kernel, c).permute(0, 3, 1, 2)
         if has_bias and ctx.needs_input_grad[2]:
             gb = gmat.float().sum(0)
@@ -127,8 +130,8 @@ class CpuConv2d(nn.Conv2d):
         if not (self.small_map_gemm and x.dim() == 4 and self.groups == 1 and self.dilation == (1, 1)
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
             return False
-        (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], self.kernel_size, self.stride, self.padding
-        return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1) <= GEMM_MAX_PIXELS
+        ho, wo = _out_size(x.shape[-2:], self.kernel_size, self.stride, self.padding)
+        return ho * wo <= GEMM_MAX_PIXELS
 
     def _conv_forward(self, input, weight, bias):
         if _cpu_bf16(input):
