@@ -86,3 +86,18 @@ def test_an_epoch_never_reads_files(image_folder):
     shutil.rmtree(image_folder)
     images = [x for x, _ in ArrayDataset(train.images, train.labels, eval_transform())]
     assert len(images) == 36 and images[0].shape == (3, 32, 32)
+
+
+def test_parallel_decode_matches_serial_and_names_a_bad_file(image_folder, monkeypatch):
+    import utils.data
+    serial, _ = load_image_folder(image_folder)
+    monkeypatch.setattr(utils.data, "PARALLEL_DECODE_MIN", 1)
+    monkeypatch.setattr(utils.data, "DECODE_CHUNK", 5)  # several chunks, the last one short
+    monkeypatch.setattr(utils.data.os, "cpu_count", lambda: 2)
+    parallel, _ = load_image_folder(image_folder)
+    assert np.array_equal(parallel.images, serial.images)
+    assert np.array_equal(parallel.labels, serial.labels)
+    bad = image_folder / "train" / "green" / "005.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: the worker's DataError reaches the caller
+    with pytest.raises(DataError, match="005.png.*delete or replace the file"):
+        load_image_folder(image_folder)
