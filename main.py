@@ -708,6 +708,7 @@ def analyze(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    status = 1
     try:
         args = resolve_args(build_parser().parse_args(argv))
         args.command = "python main.py " + shlex.join(argv)
@@ -716,7 +717,8 @@ def main(argv=None) -> int:
         # under torchrun, only rank 0 prints (pytorch/examples and nanoGPT guard each print instead)
         quiet = int(os.environ.get("RANK", 0)) != 0
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
-            return train(args)
+            status = train(args)
+            return status
     except (CLIError, DataError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -724,7 +726,7 @@ def main(argv=None) -> int:
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
     finally:
-        dist_utils.cleanup()
+        dist_utils.cleanup(wait=status == 0)  # a failed process must not wait for the others
 
 
 if __name__ == "__main__":

@@ -66,6 +66,21 @@ def test_torchrun_two_processes_on_the_cpu(image_folder, tmp_path, gpu_aug):
     assert len(ckpt["lrs"]) == 10
 
 
+@pytest.mark.parametrize("status, calls", [(0, ["barrier", "destroy"]), (1, ["destroy"])])
+def test_a_successful_process_waits_for_the_others_before_leaving(monkeypatch, status, calls):
+    """Rank 0 writes the galleries after the others are done; they leave the group together."""
+    import torch.distributed as dist
+    import main as main_module
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: seen.append("destroy"))
+    monkeypatch.setattr(main_module, "train", lambda args: status)
+    assert main(["--model", "custom_resnet", "--epochs", "1"]) == status
+    assert seen == calls
+
+
 def test_bench_writes_its_table_and_json(tmp_path, image_folder, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--model", "custom_resnet", "--batch-size", "4", "--steps", "1", "--windows", "1",
