@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from model import MODELS, NORMS
 from utils.cpu_conv import use_cpu_convs
-from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_image,
+from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_images,
                         train_transform)
 from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.engine import evaluate, train_one_epoch
@@ -164,19 +164,19 @@ def bench_model(args, name, device) -> dict:
             "train_speedup": speedups["train"], "eval_speedup": speedups["eval"]}
 
 
-def read_images(data_dir, n: int) -> np.ndarray:
+def first_images(data_dir, n: int) -> np.ndarray:
     """The first ``n`` training images of an image folder, taken round-robin over the classes."""
     train = Path(data_dir) / "train"
     if not train.is_dir():
         raise DataError(f"{train} is missing: --data-dir needs an image folder with train/<class>/*")
     per_class = [_image_files(d) for d in _class_dirs(train)]
     files = [f for group in zip(*per_class, strict=False) for f in group][:n]
-    return np.stack([read_image(f) for f in files])
+    return read_images(files)
 
 
 def bench_data(args, device) -> list:
     """Images/s of the Albumentations pipeline (decoded images in memory, as main.py holds them)."""
-    images = read_images(args.data_dir, args.data_images)
+    images = first_images(args.data_dir, args.data_images)
     labels = np.zeros(len(images), dtype=np.int64)
     from utils.data import Split
     split = Split(images, labels, ["x"])

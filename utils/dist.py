@@ -52,12 +52,12 @@ def cleanup(wait: bool = False) -> None:
     """Leave the process group; ``wait``: first wait for every process to get here.
 
     After training, rank 0 still writes the galleries while the others are done; a
-    process that tore its gloo group down that early was seen to abort at exit (CI,
-    once in 17 CI runs), so a run that succeeded leaves together.
+    process that tore its gloo group down that early was seen to abort at exit (once
+    in 17 CI runs), so a run that succeeded leaves together.
     """
+    if wait and active():
+        dist.barrier()
     if dist.is_available() and dist.is_initialized():
-        if wait and dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 
