@@ -13,23 +13,22 @@ compute rates. Warm-up windows are excluded, each rate is the median of
 ``--windows`` timed windows of ``--steps`` batches, and GPU work is timed after
 ``torch.cuda.synchronize()``. Our windows and the reference's take turns, and the
 ratio is the median of the ratios of neighbouring windows, so a machine whose speed
-drifts (this project's CPU VM: up to 2x within minutes) slows both sides alike.
+drifts (a shared VM's can drift by 2x within minutes) slows both sides alike.
 With ``--data-dir``, the data pipeline is timed on real image files:
 Albumentations transforms plus collation, per worker count
 (workers 0 = in the main process), and the ``--gpu-aug`` batched path on the device.
 With ``--real-epoch`` as well, each model also trains one real epoch through
-``main.main`` (the whole image folder, decoded, augmented by the loader's workers,
+``python main.py`` (the whole image folder, decoded, augmented by the loader's workers,
 then evaluated with the test-time flip), and that epoch's training images per second
 of wall time are set against the same run's reference compute rate.
-Prints a table and writes JSON (``--json``).
+Prints a table; ``--json PATH`` also writes the results as JSON.
 """
 import argparse
-import contextlib
 import csv
-import io
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +40,11 @@ import torch.nn as nn
 
 from model import MODELS, NORMS
 from utils.cpu_conv import use_cpu_convs
+from utils.cli import DEVICES, Parser, int_at_least, run_command
 from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_images,
                         train_transform)
-from utils.device import SetupError, choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.device import choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.errors import UserError
 from utils.engine import evaluate, train_one_epoch
 from utils.gpu_aug import DeviceLoader
 
@@ -210,8 +211,6 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
     data is decoded); ``with_decode`` adds the one-off decoding that a run pays before
     its first epoch, as a one-epoch run would see it.
     """
-    import main as cli  # the real command, not a copy of its loop
-
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--model", row["model"], "--norm", args.norm, "--data-dir", str(args.data_dir),
                 "--epochs", "1", "--batch-size", str(args.batch_size), "--device", args.device,
@@ -222,11 +221,13 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
         argv += ["--small-map-gemm" if args.small_map_gemm else "--no-small-map-gemm"]
         argv += ["--workers", str(args.epoch_workers)] if args.epoch_workers is not None else []
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
-            code = cli.main(argv)
+        # the real command, in its own process, as a user runs it (its printout stays out of the table)
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("main.py")), *argv],
+                              capture_output=True, text=True)
         command_seconds = time.perf_counter() - start
-        if code != 0:
-            raise SetupError(f"main.py {' '.join(argv)} failed ({code}): {printed.getvalue()[-300:]}")
+        if proc.returncode != 0:
+            raise UserError(f"main.py {' '.join(argv)} failed ({proc.returncode}): "
+                             f"{proc.stderr.strip()[-300:]}")
         with open(Path(tmp) / "run" / "metrics.csv", newline="") as f:
             (epoch,) = csv.DictReader(f)
         args_json = json.loads((Path(tmp) / "run" / "args.json").read_text())
@@ -241,11 +242,11 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
     p.add_argument("--norm", default="bn", choices=NORMS, help="normalisation layer of resnet18")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="device")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per batch")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="our step's mixed precision (bf16 where fast, as main.py)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -255,51 +256,24 @@ def build_parser():
                    help="our step on a bf16 CPU: 4x4 convolutions as one matrix multiply (main.py's flag)")
     p.add_argument("--fp32-weight-grads", action="store_true",
                    help="our step on a bf16 CPU: square convolutions' weight gradients in fp32 (main.py's flag)")
-    p.add_argument("--steps", type=int, default=10, help="batches per timed window")
-    p.add_argument("--warmup", type=int, default=2, help="untimed windows first")
-    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="batches per timed window")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed windows first")
+    p.add_argument("--windows", type=int_at_least(1), default=5, help="timed windows; the median is reported")
     p.add_argument("--data-dir", default=None,
                    help="image folder (train/<class>/*) to time the data pipeline on; none skips it")
-    p.add_argument("--data-images", type=int, default=5120, help="images read for the data pipeline")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to time")
+    p.add_argument("--data-images", type=int_at_least(1), default=5120, help="images read for the data pipeline")
+    p.add_argument("--workers", type=int_at_least(0), nargs="+", default=[0, 2], help="loader worker counts to time")
     p.add_argument("--real-epoch", action="store_true",
                    help="also train one real epoch of main.py per model on --data-dir (the whole folder) "
                         "and compare it with the reference's compute rate")
-    p.add_argument("--epoch-workers", type=int, default=None,
+    p.add_argument("--epoch-workers", type=int_at_least(0), default=None,
                    help="loader workers of the real epoch (default: main.py's)")
-    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps),
-                        ("--windows", args.windows), ("--data-images", args.data_images)):
-        if value < 1:
-            print(f"error: {flag} {value} must be at least 1", file=sys.stderr)
-            return 2
-    if args.real_epoch and not args.data_dir:
-        print("error: --real-epoch trains on an image folder: pass --data-dir too", file=sys.stderr)
-        return 2
-    try:
-        device = resolve_device(args.device)
-        configure_backends(device)
-        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        header = (f"device: {device} ({gpu}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-                  f"batch {args.batch_size} | {args.steps} batches x median of {args.windows} windows "
-                  f"after {args.warmup} warm-up")
-        print(header, flush=True)
-        models = [bench_model(args, name, device) for name in args.model]
-        data = bench_data(args, device) if args.data_dir else []
-        epochs = []
-        if args.real_epoch:
-            start = time.perf_counter()
-            train = load_data(args.data_dir, download=False)[0]  # what main.py decodes before epoch 1
-            decode_seconds = time.perf_counter() - start
-            epochs = [bench_real_epoch(args, row, len(train.labels), decode_seconds) for row in models]
-    except (SetupError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def print_table(models: list, data: list, epochs: list) -> None:
+    """The results as a table: our step against the reference, the data pipeline, real epochs."""
     print(f"{'model':<15}{'precision':<15}{'format':<15}{'train img/s':>12}{'reference':>11}{'ratio':>7}"
           f"{'eval img/s':>12}{'reference':>11}{'ratio':>7}")
     for r in models:
@@ -317,13 +291,39 @@ def main(argv=None) -> int:
               f"{r['epoch_seconds']:.0f} s (train + test with flip) = {r['images_per_s']:.0f} img/s, "
               f"{r['speedup']:.2f}x the reference; with the {r['decode_seconds']:.0f} s of decoding "
               f"{r['images_per_s_with_decode']:.0f} img/s, {r['speedup_with_decode']:.2f}x")
+
+
+def bench(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.real_epoch and not args.data_dir:
+        raise UserError("--real-epoch trains on an image folder: pass --data-dir too")
+    device = resolve_device(args.device)
+    configure_backends(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {device} ({gpu}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"batch {args.batch_size} | {args.steps} batches x median of {args.windows} windows "
+          f"after {args.warmup} warm-up", flush=True)
+    models = [bench_model(args, name, device) for name in args.model]
+    data = bench_data(args, device) if args.data_dir else []
+    epochs = []
+    if args.real_epoch:
+        start = time.perf_counter()
+        train = load_data(args.data_dir, download=False)[0]  # what main.py decodes before epoch 1
+        decode_seconds = time.perf_counter() - start
+        epochs = [bench_real_epoch(args, row, len(train.labels), decode_seconds) for row in models]
+    print_table(models, data, epochs)
     result = {"device": str(device), "device_name": gpu, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps,
               "windows": args.windows, "warmup": args.warmup, "models": models, "data": data,
               "real_epochs": epochs}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(bench, argv)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 import gradcam as gradcam_module
-import main as main_module
+import utils.run_folder
 from main import main
-from utils.io import load_checkpoint, save_checkpoint
+from utils.checkpoint import load as load_checkpoint
+from utils.checkpoint import save as save_checkpoint
 from utils.plots import save_figure
 
 from conftest import COLOURS, write_image_folder
@@ -47,7 +48,7 @@ def trained(tmp_path_factory):
         save_figure(fig, path)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(main_module, "save_figure", recording_save)
+        mp.setattr(utils.run_folder, "save_figure", recording_save)
         argv = ["--model", "custom_resnet", "--data-dir", str(data), "--out-dir", str(out),
                 "--epochs", "1", "--batch-size", "12", "--lr", "1e-5", "--workers", "0",
                 "--gallery-size", "6"]
@@ -167,6 +168,9 @@ def test_explains_an_image(trained, tmp_path, capsys):
     assert cli("--checkpoint", best, "--image", big, "--layer", "layer1.res.conv2",
                "--method", "gradcam++", "--out", out2) == 0
     assert "gradcam++ of '" in capsys.readouterr().out and out2.exists()
+    assert cli("--checkpoint", best, "--image", image) == 0  # no --out: beside the checkpoint
+    assert f"-> {trained['out'] / 'cam-000.png'}" in capsys.readouterr().out
+    assert (trained["out"] / "cam-000.png").is_file()
 
 
 @pytest.fixture
@@ -187,10 +191,10 @@ def wrong_checkpoints(trained, tmp_path):
     ({"--image": "missing.png"}, "--image {tmp}/missing.png does not exist"),
     ({"--image": "broken.png"}, "cannot read image {tmp}/broken.png"),
     ({"--checkpoint": "missing.pt"}, "--checkpoint {tmp}/missing.pt does not exist"),
-    ({"--checkpoint": "other.pt"}, "says resnet18 (norm bn) but its weights do not fit"),
+    ({"--checkpoint": "other.pt"}, "is resnet18 (norm bn) but its weights do not fit"),
     ({"--checkpoint": "state_dict.pt"}, "cannot read checkpoint {tmp}/state_dict.pt"),
     ({"--checkpoint": "garbage.pt"}, "cannot read checkpoint {tmp}/garbage.pt"),
-    ({"--alpha": "1.5"}, "--alpha must be in [0, 1]"),
+    ({"--alpha": "1.5"}, "--alpha: must be in [0, 1]"),
     ({"--out": "no/such/dir/cam.png"}, "folder {tmp}/no/such/dir does not exist"),
 ])
 def test_bad_input_is_one_line(change, needle, trained, wrong_checkpoints, capsys):

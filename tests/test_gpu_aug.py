@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from main import main
 from utils.cifar import MEAN, STD
 from utils.data import test_transform as eval_transform
 from utils.data import train_transform
@@ -116,3 +117,15 @@ def test_device_loader_covers_each_image_once_and_shards_without_overlap():
     loader.set_epoch(1, 3)
     again = [ys.tolist() for _, ys in loader]
     assert again == [ys.tolist() for _, ys in batches]  # the epoch seed fixes the shuffle
+
+
+TINY = ["--epochs", "1", "--batch-size", "6", "--workers", "0", "--gallery-size", "2"]
+
+
+def test_gpu_aug_trains_and_writes_the_run_folder(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--model", "custom_resnet", "--data-dir", str(image_folder), "--out-dir", str(out),
+                 "--gpu-aug", *TINY]) == 0
+    assert "gpu-aug (on the device)" in capsys.readouterr().out
+    for name in ("metrics.csv", "last.pt", "misclassified.png", "gradcam.png", "report.html"):
+        assert (out / name).is_file(), name

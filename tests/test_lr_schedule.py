@@ -10,7 +10,7 @@ from main import main
 from model import MODELS
 from utils.data import load_image_folder, make_loader, train_transform
 from utils.device import choose_precision
-from utils.io import load_checkpoint
+from utils.checkpoint import load as load_checkpoint
 from utils.lr_finder import SKIP_START, range_test
 from utils.schedule import one_cycle, one_cycle_knots
 

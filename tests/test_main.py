@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import main as main_module
+import utils.engine
 from main import main
 from model import MODELS
-from utils.io import load_checkpoint
+from utils.checkpoint import load as load_checkpoint
 
 from conftest import write_image_folder
 
@@ -84,7 +84,7 @@ def test_resume_repeats_an_uninterrupted_run(image_folder, tmp_path, monkeypatch
     assert run(image_folder, straight, *flags) == 0
 
     calls = {"n": 0}
-    real_train = main_module.train_one_epoch
+    real_train = utils.engine.train_one_epoch
 
     def interrupted_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
@@ -92,14 +92,14 @@ def test_resume_repeats_an_uninterrupted_run(image_folder, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(main_module, "train_one_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(utils.engine, "train_one_epoch", interrupted_in_epoch_2)
     capsys.readouterr()
     assert run(image_folder, resumed, *flags) == 130
     assert load_checkpoint(resumed / "last.pt")["epoch"] == 1
     # interrupted during epoch 2: the message names the epoch last.pt holds
     assert f"interrupted after epoch 1: continue with --resume {resumed / 'last.pt'}" in capsys.readouterr().err
-    monkeypatch.setattr(main_module, "train_one_epoch", real_train)
-    assert run(image_folder, resumed, *flags, "--resume", str(resumed / "last.pt")) == 0
+    monkeypatch.setattr(utils.engine, "train_one_epoch", real_train)
+    assert main(["--resume", str(resumed / "last.pt")]) == 0  # everything else from the checkpoint
 
     a, b = read_metrics(straight), read_metrics(resumed)
     for row in a + b:

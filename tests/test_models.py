@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from main import model_summary
 from model import MODELS, NORMS
+from model import summary as model_summary
 
 EXPECTED_PARAMS = {"resnet18": 11_173_962, "custom_resnet": 6_575_370}
 ALL = [(name, norm) for name in MODELS for norm in NORMS]

@@ -55,7 +55,7 @@ def test_notebook_calls_the_repository_instead_of_pasting_it():
                  *(REPO / "model").glob("*.py")]:
         repo_names |= {n.name for n in ast.parse(path.read_text()).body
                        if isinstance(n, ast.FunctionDef | ast.ClassDef)}
-    assert {"GradCAM", "train_one_epoch", "load_model", "overlay"} <= repo_names
+    assert {"GradCAM", "train_one_epoch", "load_trained", "overlay"} <= repo_names
     nb = read_notebook()
     defined = set()
     for cell in code_cells(nb):
@@ -63,7 +63,7 @@ def test_notebook_calls_the_repository_instead_of_pasting_it():
                     if isinstance(n, ast.FunctionDef | ast.ClassDef)}
     assert not defined & repo_names, f"the notebook redefines {sorted(defined & repo_names)}"
     source = "\n".join(c.source for c in code_cells(nb))
-    assert "from main import main" in source and "gradcam.GradCAM(" in source
+    assert "from main import main" in source and "load_trained(" in source and "GradCAM(model, layer)" in source
 
 
 def test_notebook_runs_end_to_end(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import main as main_module
+import utils.run_folder
 from main import main
 from utils.cifar import MEAN, STD
 from utils.data import load_image_folder
@@ -76,19 +76,19 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     data, out = write_image_folder(tmp / "data"), tmp / "run"
     snapshots = []
-    original = main_module.write_report
+    original = utils.run_folder.write_report
 
     def record(folder, status="finished"):
         original(folder, status)
         snapshots.append((status, (Path(folder) / "report.html").read_text()))
 
-    main_module.write_report = record
+    utils.run_folder.write_report = record
     try:
         assert main(["--model", "custom_resnet", "--data-dir", str(data), "--out-dir", str(out),
                      "--epochs", "2", "--batch-size", "12", "--lr", "0.05", "--workers", "0",
                      "--gallery-size", "3", "--lr-find", "--lr-find-iters", "20"]) == 0
     finally:
-        main_module.write_report = original
+        utils.run_folder.write_report = original
     return {"out": out, "snapshots": snapshots}
 
 

@@ -12,15 +12,15 @@ STD = (0.2470, 0.2435, 0.2616)
 IMAGE_SIZE = 32
 
 
-def denormalize(images):
-    """Undo ``Normalize(MEAN, STD)``: (..., 3, H, W) tensor -> floats in [0, 1]."""
+def denormalize(images, mean=MEAN, std=STD):
+    """Undo ``Normalize(mean, std)``: (..., 3, H, W) tensor -> floats in [0, 1]."""
     import torch
 
-    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float() * std + mean).clamp(0, 1)
 
 
-def to_uint8_image(image):
+def to_uint8_image(image, mean=MEAN, std=STD):
     """A normalised (3, H, W) tensor -> the (H, W, 3) uint8 RGB image it came from (within rounding)."""
-    return (denormalize(image.detach().cpu()) * 255).round().byte().permute(1, 2, 0).numpy()
+    return (denormalize(image.detach().cpu(), mean, std) * 255).round().byte().permute(1, 2, 0).numpy()

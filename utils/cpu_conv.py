@@ -1,33 +1,23 @@
-"""Two workarounds for oneDNN's bf16 convolutions on this repository's CPU, chosen per module.
+"""Two workarounds for oneDNN's bf16 convolutions on CPUs with AMX, chosen per module.
 
 Both apply only on the CPU under bf16 autocast; on GPUs, in fp32 and outside autocast a
 switched module is a plain ``nn.Conv2d`` (same parameters, same state_dict).
 
 **Small maps as one matrix multiply** (``--small-map-gemm``, on by default). oneDNN's
-AMX convolution kernels (``brg_conv_fwd``, ``brgconv_bwd_w``) are slow when the output
-map is tiny: a 512->512 3x3 convolution at 4x4 (ResNet-18's layer4, the custom ResNet's
-layer3 ResBlock), batch 128, took 39 ms forward and 206 ms forward plus backward here,
-against 15 and 60 ms for 64->64 at 32x32, which has the same FLOPs. Written as im2col
-(nine shifted slices of the padded NHWC input, concatenated) and one bf16 GEMM, the
-4x4 layer takes 17 and 71 ms; at 8x8 the GEMM is already slower (101 against 86 ms),
-so only outputs of at most ``GEMM_MAX_PIXELS`` pixels take it. The input gradient is
-summed back from the nine slices in fp32, the weight gradient is one GEMM with fp32
-accumulation.
+AMX convolution kernels are slow when the output map is tiny (ResNet-18's layer4, the
+custom ResNet's last ResBlock, at 4x4), so outputs of at most ``GEMM_MAX_PIXELS`` pixels
+run as im2col (nine shifted slices of the padded NHWC input, concatenated) and one bf16
+GEMM. The input gradient is summed back from the nine slices in fp32, the weight
+gradient is one GEMM with fp32 accumulation.
 
 **fp32 weight gradients of square convolutions** (``--fp32-weight-grads``, off by
-default). Measured here (2 cores of a Xeon with AMX, torch 2.15, oneDNN 3.13, batch
-128, channels_last): oneDNN's bf16 backward-weights kernel (``brgconv_bwd_w`` on AMX)
-for a 3x3 convolution with as many output as input channels takes 30 ms for 128->128
-at 16x16 when the process has both cores, but about 1.06 s when another process
-competes for them, whatever the layer's size (64->64 at 32x32, 256->256 at 8x8 and
-512->512 at 4x4 too; widening layers are not hit); the same gradient in fp32 goes from
-70 to 180 ms. Those square layers are the residual convolutions of both networks, so a
-bf16 step shared with other work (loader workers, a test suite, a second run) slows to
-below the fp32 one. With this option those layers compute their weight and bias
-gradients in fp32; the forward pass and the input gradient stay bf16. With the cores
-to itself a step is as fast either way for custom_resnet and about 9% slower for
-resnet18 (interleaved, median of 10 steps), so it is off by default. A square layer
-that takes the GEMM above computes its weight gradient as an fp32 GEMM instead.
+default). oneDNN's bf16 backward-weights kernel for a convolution with as many output as
+input channels slows by an order of magnitude when another process competes for the
+cores; with this option those layers compute their weight and bias gradients in fp32,
+the forward pass and the input gradient staying bf16. A square layer that takes the GEMM
+above computes its weight gradient as an fp32 GEMM instead.
+
+The timings behind both choices are in docs/speed.md ("The CPU convolution workarounds").
 """
 import torch
 import torch.nn as nn

@@ -22,17 +22,18 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
 from .cifar import IMAGE_SIZE, MEAN, STD
+from .errors import UserError
 from .seed import seed_worker
 
 # Folders at least this large are decoded by a pool of processes: a 32x32 JPEG is mostly
-# per-file Python work under the GIL, so threads do not help (60,000 files: 8 s in one process).
+# per-file Python work under the GIL, so threads do not help (docs/speed.md has the timings).
 PARALLEL_DECODE_MIN = 4096
 DECODE_CHUNK = 1024
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Data that cannot be used; the message names the problem and the fix."""
 
 
@@ -48,16 +49,16 @@ def _class_dirs(split_dir: Path) -> list:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def read_image(path) -> np.ndarray:
-    """(32, 32, 3) uint8 RGB; bicubic resize when the file has another size; DataError if unreadable."""
+def read_image(path, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size, 3) uint8 RGB; bicubic resize when the file has another size; DataError if unreadable."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}): "
                         "delete or replace the file") from None
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -198,8 +199,9 @@ def train_transform(cutout_p: float = 0.5) -> A.Compose:
     ])
 
 
-def test_transform() -> A.Compose:
-    return A.Compose([A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0), ToTensorV2()])
+def test_transform(mean=MEAN, std=STD) -> A.Compose:
+    """uint8 (H, W, 3) RGB -> the normalised (3, H, W) float tensor the model reads."""
+    return A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
 
 
 class ArrayDataset(torch.utils.data.Dataset):

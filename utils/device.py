@@ -4,8 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 
-class SetupError(Exception):
+
+class SetupError(UserError):
     """A problem with the run's settings; the message names the fix."""
 
 
@@ -66,10 +68,9 @@ def choose_precision(device: torch.device, amp: bool) -> Precision:
 def use_channels_last(device: torch.device, requested: bool, norm: str = "bn") -> bool:
     """channels_last feeds tensor cores on CUDA and oneDNN's fast kernels on the CPU.
 
-    Measured here (2 CPU cores, bf16, batch 128, median of 15 interleaved steps):
-    custom_resnet 110 img/s against 90 in NCHW, resnet18 66 against 58 (bn) and
-    67 against 56 (ln), but resnet18 gn 45 against 57: torch's CPU GroupNorm with
-    32 groups is slower in channels_last, so that case stays NCHW. MPS stays NCHW.
+    Except GroupNorm on the CPU: torch's CPU GroupNorm with 32 groups is slower in
+    channels_last (docs/speed.md has the step rates), so that case stays NCHW.
+    MPS stays NCHW.
     """
     if not requested or device.type not in ("cuda", "cpu"):
         return False

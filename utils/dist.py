@@ -100,3 +100,16 @@ def gather_digests(model: torch.nn.Module) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return out
+
+
+def check_replicas(model: torch.nn.Module) -> tuple:
+    """(all equal, a line for summary.txt): DDP keeps replicas equal by construction; check it, bit for bit.
+
+    The line is empty in a single process.
+    """
+    if not active():
+        return True, ""
+    digests = gather_digests(model)
+    same = len(set(digests)) == 1
+    return same, (f"DDP: the {len(digests)} processes' weights and buffers are "
+                  f"{'identical' if same else 'DIFFERENT'} (sha256 {', '.join(d[:12] for d in digests)})\n")

@@ -5,8 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 
 def atomic_write(path, write) -> None:
     """Call ``write(file)`` on a temporary binary file beside ``path``, then rename it over ``path``.
@@ -39,12 +37,3 @@ def write_csv(path, rows: list, columns: list) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
-
-
-def save_checkpoint(path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    """Load with ``weights_only=True``: a checkpoint cannot run code when it is opened."""
-    return torch.load(path, map_location=device, weights_only=True)
