@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.checkpoint import load_trained
-from utils.cli import DEVICES, Parser, float_in, run_command
-from utils.data import read_image
+from utils.cli import DEVICES, Parser, float_in, int_at_least, run_command
+from utils.data import read_image, set_max_image_pixels
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.gradcam import (CAMS, DEFAULT_LAYERS, METHODS, GradCAM, GradCAMPlusPlus, LayerError,  # noqa: F401
@@ -39,6 +39,8 @@ def build_parser():
     p.add_argument("--method", default="gradcam", choices=METHODS, help="CAM method")
     p.add_argument("--alpha", type=float_in(0, 1), default=0.5, help="heatmap weight in the overlay")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--max-image-pixels", type=int_at_least(1), default=89_478_485,
+                   help="refuse image files with more pixels than this (Pillow's decompression-bomb limit)")
     p.add_argument("--out", default=None,
                    help="PNG to write (default: cam-<image name>.png beside the checkpoint)")
     return p
@@ -70,6 +72,7 @@ def explain(argv) -> int:
     from utils.plots import save_figure
 
     args = build_parser().parse_args(argv)
+    set_max_image_pixels(args.max_image_pixels)
     trained = load_trained(args.checkpoint, resolve_device(args.device))
     classes = trained.classes
     layer = args.layer or DEFAULT_LAYERS[trained.args["model"]]

@@ -50,9 +50,11 @@ def image_folder(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
-    """main(--deterministic) switches torch-wide settings on; keep tests independent."""
+    """main(--deterministic) and --max-image-pixels change process-wide settings; keep tests independent."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
+    max_pixels = Image.MAX_IMAGE_PIXELS  # --max-image-pixels sets it
     yield
     torch.use_deterministic_algorithms(deterministic)
     torch.set_num_threads(threads)
+    Image.MAX_IMAGE_PIXELS = max_pixels

@@ -9,6 +9,7 @@ as torchvision's CIFAR10 does, so an epoch never touches the disk.
 """
 import os
 import urllib.error
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -49,11 +50,57 @@ def _class_dirs(split_dir: Path) -> list:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def set_max_image_pixels(pixels: int) -> None:
+    """Images larger than this are refused (Pillow's decompression-bomb limit; this process only)."""
+    Image.MAX_IMAGE_PIXELS = pixels
+
+
+def _full_scale(mode: str, peak: float) -> float:
+    """The value that means white in a greyscale image of ``mode`` whose largest value is ``peak``.
+
+    16-bit modes have a fixed range. ``I`` (32-bit integers; older Pillow also opens 16-bit
+    PNGs so) and ``F`` (floats) do not say theirs: the smallest usual range that holds
+    ``peak`` is taken (1 for floats, then 255, 65535, 2**31 - 1).
+    """
+    if mode.startswith("I;16"):
+        return 65535.0
+    ranges = ([1.0] if mode == "F" else []) + [255.0, 65535.0, 2.0**31 - 1]
+    return next((r for r in ranges if peak <= r), ranges[-1])
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of an image in any Pillow mode, values scaled (not clipped) to 0-255.
+
+    Pillow's own ``convert("RGB")`` clips 16- and 32-bit greyscale to 255, so such files
+    would come out almost white; here they are scaled by their range. Transparent pixels
+    (RGBA, LA, palette with transparency) are composited over white, as a viewer shows
+    them; a multi-frame file gives its first frame.
+    """
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / _full_scale(img.mode, float(values.max(initial=0)))
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
 def read_image(path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size, 3) uint8 RGB; bicubic resize when the file has another size; DataError if unreadable."""
+    """(size, size, 3) uint8 RGB; bicubic resize when the file has another size; DataError if unreadable.
+
+    Larger than ``Image.MAX_IMAGE_PIXELS`` (``--max-image-pixels``) is refused, not decoded.
+    """
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
+        with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its limit: refuse at 1x
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = to_rgb(img)  # also forces the full decode, so truncated files fail here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path} has more pixels than the limit of {Image.MAX_IMAGE_PIXELS:,} "
+                        "(a decompression bomb?): remove it, or raise --max-image-pixels if it is "
+                        "a real photo") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}): "
                         "delete or replace the file") from None
@@ -63,14 +110,17 @@ def read_image(path, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def _image_files(class_dir: Path) -> list:
-    files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    # hidden files (.DS_Store, macOS's ._name.jpg resource forks) are never images
+    files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
     if not files:
         raise DataError(f"no images in {class_dir}: add images "
                         f"({', '.join(IMG_EXTENSIONS)}) or remove the folder")
     return files
 
 
-def _read_chunk(files: list) -> np.ndarray:
+def _read_chunk(files: list, max_pixels) -> np.ndarray:
+    set_max_image_pixels(max_pixels)  # in a worker process: the parent's limit
     return np.stack([read_image(f) for f in files])
 
 
@@ -78,10 +128,11 @@ def read_images(files: list) -> np.ndarray:
     """(N, 32, 32, 3) uint8 of ``files``, in order; large lists decoded in parallel processes."""
     workers = min(8, os.cpu_count() or 1)
     if len(files) < PARALLEL_DECODE_MIN or workers < 2:
-        return _read_chunk(files)
+        return _read_chunk(files, Image.MAX_IMAGE_PIXELS)
     chunks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
     with ProcessPoolExecutor(workers) as pool:  # a DataError in a worker is re-raised here
-        return np.concatenate(list(pool.map(_read_chunk, chunks)))
+        limits = [Image.MAX_IMAGE_PIXELS] * len(chunks)
+        return np.concatenate(list(pool.map(_read_chunk, chunks, limits)))
 
 
 def _read_split(split_dir: Path, classes: list) -> Split:

@@ -12,6 +12,9 @@ from .cifar import MEAN, STD
 from .data import image_sizes, load_data
 from .plots import class_counts_figure, image_grid, image_sizes_figure
 
+CHANNELS = ("red", "green", "blue")
+MIN_STD = 0.02  # of pixel values in [0, 1]; CIFAR-10's channels have about 0.25
+
 
 def describe(args, run) -> str:
     """Write analysis.txt and its three figures into ``run``; returns the text."""
@@ -57,5 +60,17 @@ def _text(data_dir, classes, counts, sizes, mean, std, n_train) -> str:
                  f"(pixels in [0, 1]), beside the constants the loaders normalise with (utils/cifar.py):")
     lines.append(f"{'channel':<8} {'mean':>7} {'loaders':>8} {'std':>7} {'loaders':>8}")
     lines += [f"{ch:<8} {mean[i]:7.4f} {MEAN[i]:8.4f} {std[i]:7.4f} {STD[i]:8.4f}"
-              for i, ch in enumerate(("red", "green", "blue"))]
+              for i, ch in enumerate(CHANNELS)]
+    lines += degenerate(mean, std)
     return "\n".join(lines) + "\n"
+
+
+def degenerate(mean, std) -> list:
+    """Warnings for channels that are nearly constant over the whole training set.
+
+    Real photographs never are; files decoded wrongly (16-bit images clipped to
+    white) or blank ones are.
+    """
+    return [f"warning: the {ch} channel is nearly constant (mean {mean[i]:.3f}, std {std[i]:.3f}): the images "
+            "may be blank, or decoded wrongly; look at samples.png"
+            for i, ch in enumerate(CHANNELS) if std[i] < MIN_STD]
