@@ -25,14 +25,16 @@ from model import ADAM_LR, MODELS, NORMS
 from utils import checkpoint, engine
 from utils import dist as dist_utils
 from utils.cli import DEVICES, Parser, float_in, given_flags, int_at_least, lr_or_auto, option_names
-from utils.data import default_workers
+from utils.data import default_workers, set_max_image_pixels
 from utils.describe import describe
 from utils.device import choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.engine import NonFiniteLoss
 from utils.errors import UserError
 from utils.interpret import Interpretation, write_analysis
 from utils.plots import lr_figure, plot_curves
 from utils.run_folder import RunFolder
 from utils.seed import seed_everything, set_epoch
+from utils.signals import exit_status, sigterm_as_interrupt
 from utils.training import (Progress, build_loader, build_model, build_optimizer, build_scheduler,
                             check_parallel, find_lr, load_splits, setup_line, wrap)
 
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mirror image; the single-view accuracy is logged beside it")
     g.add_argument("--workers", type=int_at_least(0), default=default_workers(),
                    help="data loader worker processes")
+    g.add_argument("--max-image-pixels", type=int_at_least(1), default=89_478_485,
+                   help="refuse image files with more pixels than this (Pillow's decompression-bomb limit)")
 
     g = p.add_argument_group("hardware and reproducibility")
     g.add_argument("--device", default="auto", choices=DEVICES,
@@ -166,6 +170,7 @@ def parse(argv) -> tuple:
         resume = checkpoint.load(args.resume, flag="--resume")
         checkpoint.resume_args(resume, args, given_flags(parser, argv), option_names(parser), args.resume)
     args.command = "python main.py " + shlex.join(argv)
+    set_max_image_pixels(args.max_image_pixels)
     return resolve_args(args), resume
 
 
@@ -191,10 +196,9 @@ def resolve_args(args) -> argparse.Namespace:
     return args
 
 
-def train(args, resume=None) -> int:
+def train(args, resume, run, ddp) -> int:
     """One run, start to finish: set-up, the epoch loop, the analysis of the final model."""
-    ddp, device = dist_utils.from_env(), resolve_device(args.device)
-    run = RunFolder.check(args, resuming=resume is not None, enabled=ddp.main)
+    device = resolve_device(args.device)
     check_parallel(args, ddp, device)
     device = dist_utils.init(ddp, device)
     seed_everything(args.seed, args.deterministic)
@@ -241,15 +245,17 @@ def train(args, resume=None) -> int:
             dist_utils.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
             with bar(test_loader, f"{desc} test", ddp.main) as batches:
                 te = engine.evaluate(eval_net, batches, device, precision, channels_last, tta=args.tta)
-            is_best = progress.record(epoch, tr, te)
+            is_best = progress.record(epoch, tr, te)  # UserError on a non-finite test loss
             state = checkpoint.build_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                            scaler=scaler, **progress.state(), args=vars(args),
                                            classes=train_split.classes, steps_per_epoch=len(train_loader))
             run.end_epoch(state, progress.history, is_best, f"training: {epoch} of {args.epochs} epochs done")
             progress.epoch = epoch  # the epoch last.pt holds
             print(f"{desc} | {progress.line(tr, te, is_best, args.tta)}", flush=True)
-    except KeyboardInterrupt:
-        return interrupted(run, progress.epoch, run / "last.pt")
+    except NonFiniteLoss as exc:
+        raise diverged(run, args, epoch, exc.step, progress.epoch) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (utils/signals.py)
+        return interrupted(run, progress.epoch, exc)
 
     same, agreement = dist_utils.check_replicas(model)
     if not same:
@@ -276,13 +282,23 @@ def postfix(batches):
     return log
 
 
-def interrupted(run, done: int, last) -> int:
-    """Ctrl-C: say which epoch last.pt holds and how to continue; exit status 130."""
+def interrupted(run, done: int, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: say which epoch last.pt holds and how to continue; exit status 130 or 143."""
     where = f"after epoch {done}" if done else "before the first epoch ended"
-    message = f"interrupted {where}: continue with --resume {last}"
+    how = "terminated (SIGTERM)" if exit_status(exc) == 143 else "interrupted"
+    message = f"{how} {where}: continue with --resume {run / 'last.pt'}"
     print(f"\n{message}", file=sys.stderr)
     run.report(message)
-    return 130
+    return exit_status(exc)
+
+
+def diverged(run, args, epoch: int, step: int, done: int) -> UserError:
+    """The error for a non-finite loss: where it happened, what last.pt holds, what to change."""
+    kept = f"last.pt holds epoch {done}, the last finite one" if done else "no checkpoint was written"
+    message = (f"the training loss became non-finite (NaN or inf) at epoch {epoch}, step {step}; "
+               f"{kept}: start a new run with a lower --max-lr than {args.lr:g}")
+    run.report(f"stopped: {message}")
+    return UserError(message)
 
 
 def finish(run, args, progress, header, interp, split, model, steps_per_epoch) -> None:
@@ -301,21 +317,22 @@ def main(argv=None) -> int:
     status = 1
     try:
         args, resume = parse(argv)
-        if args.analyze:
-            run = RunFolder.check(args, resuming=False)
-            print(describe(args, run) + f"run folder: {run.path}")
-            return 0
-        # under torchrun, only rank 0 prints (pytorch/examples and nanoGPT guard each print instead)
-        quiet = int(os.environ.get("RANK", 0)) != 0
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
-            status = train(args, resume)
-            return status
+        ddp = dist_utils.from_env()
+        # the run folder's lock is held until the run ends (utils/run_folder.py)
+        with sigterm_as_interrupt(), RunFolder.check(args, resume is not None, ddp.main) as run:
+            if args.analyze:
+                print(describe(args, run) + f"run folder: {run.path}")
+                return 0
+            # under torchrun, only rank 0 prints (pytorch/examples and nanoGPT guard each print instead)
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if ddp.main else devnull):
+                status = train(args, resume, run, ddp)
+                return status
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the epoch loop, which reports its own checkpoint
+    except KeyboardInterrupt as exc:  # before the epoch loop, which reports its own checkpoint
         print("\ninterrupted before training started", file=sys.stderr)
-        return 130
+        return exit_status(exc)
     finally:
         dist_utils.cleanup(wait=status == 0)  # a failed process must not wait for the others
 

@@ -64,6 +64,6 @@ def test_a_successful_process_waits_for_the_others_before_leaving(monkeypatch, s
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "barrier", lambda: seen.append("barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: seen.append("destroy"))
-    monkeypatch.setattr(main_module, "train", lambda args, resume=None: status)
+    monkeypatch.setattr(main_module, "train", lambda *args: status)
     assert main(["--model", "custom_resnet", "--epochs", "1"]) == status
     assert seen == calls

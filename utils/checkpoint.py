@@ -60,11 +60,16 @@ class Preprocess:
         return test_transform(self.mean, self.std)
 
     def to_tensor(self, images) -> torch.Tensor:
-        """uint8 (H, W, 3) or (N, H, W, 3) RGB at ``image_size`` -> normalised (N, 3, H, W) float32."""
-        x = torch.tensor(np.asarray(images, dtype=np.uint8)).float().div(255)
-        x = x[None] if x.ndim == 3 else x
-        mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((x.permute(0, 3, 1, 2) - mean) / std).contiguous()
+        """uint8 (H, W, 3) or (N, H, W, 3) RGB at ``image_size`` -> normalised (N, 3, H, W) float32.
+
+        Through the very transform the run's test loader used, so the values are identical.
+        """
+        images = np.asarray(images, dtype=np.uint8)
+        images = images[None] if images.ndim == 3 else images
+        transform = self.transform()
+        if not len(images):
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return torch.stack([transform(image=image)["image"] for image in images])
 
     def as_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}

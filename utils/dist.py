@@ -72,6 +72,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over the processes, in place; unchanged when there is only one."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Give every process rank 0's buffers (BatchNorm running statistics).
 

@@ -4,7 +4,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .dist import all_reduce_sum
+from .dist import all_reduce_max, all_reduce_sum
+from .errors import UserError
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite; ``step`` is the first such step of the epoch."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the training loss became non-finite at step {step}")
+        self.step = step
 
 
 def _to_device(images, labels, device, channels_last):
@@ -19,13 +28,16 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
 
     Loss and correct counts accumulate on the device; ``log(running)`` is called
     every ``log_interval`` batches with the running loss and accuracy (of this
-    process), and that is the only place the loop waits for the device. The
+    process), and that is the only place the loop waits for the device; there
+    too a non-finite loss since the last check raises ``NonFiniteLoss`` naming
+    its step, so a diverged run stops within ``log_interval`` steps. The
     returned loss and accuracy are over all processes under torchrun. ``lr_log``, a list,
     gets the lr each batch used, read from the optimizer.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
     seen, lr = 0, optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for step, (images, labels) in enumerate(loader, 1):
@@ -44,10 +56,15 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
 
         loss_sum += loss.detach() * labels.size(0)
         correct += (logits.argmax(1) == labels).sum()
+        first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step, first_bad)
         seen += labels.size(0)
-        if log is not None and (step % log_interval == 0 or step == len(loader)):
-            # .item() is a host-device sync point; once per log interval only.
-            log({"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen, "lr": lr})
+        if step % log_interval == 0 or step == len(loader):
+            # .item() is a host-device sync point; once per log interval only. The max over
+            # the processes makes every process stop at the same check under torchrun.
+            if all_reduce_max(first_bad).item() >= 0:
+                raise NonFiniteLoss(first_bad.item())
+            if log is not None:
+                log({"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen, "lr": lr})
     # summed over the processes under torchrun; .tolist() waits for the device, so the time is real
     loss, correct, seen = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
                                                       torch.tensor(float(seen), device=device)])).tolist()

@@ -9,12 +9,25 @@
         report.html    one self-contained page of all of it, rewritten after every epoch
 
 After an epoch the checkpoint is written before the metrics row, so metrics.csv
-never lists an epoch that no checkpoint holds. Under torchrun only rank 0
-writes: the other processes get a folder whose writes do nothing.
+never lists an epoch that no checkpoint holds; every file is written whole or
+not at all, and a failed write (disk full, permission) is one ``UserError``
+naming the file. Under torchrun only rank 0 writes: the other processes get a
+folder whose writes do nothing.
+
+A run folder belongs to one process: ``with RunFolder.check(...) as run`` takes
+an exclusive lock on ``run/.lock`` (``fcntl.flock``), so a second run on the same
+folder is refused, and the operating system drops the lock when its process
+dies, so a killed run never blocks its own resume.
 """
 import os
 import time
+from functools import wraps
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, a folder is not guarded
+    fcntl = None
 
 from . import checkpoint
 from .errors import UserError
@@ -24,6 +37,24 @@ from .report import write_report
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single",
                   "seconds"]
+
+
+LOCK = ".lock"
+
+
+def _guarded(write):
+    """A write method that does nothing on a disabled folder and turns OSError into one UserError."""
+    @wraps(write)
+    def method(self, name, *args):
+        if not self.enabled:
+            return None
+        try:
+            return write(self, name, *args)
+        except OSError as exc:
+            raise UserError(f"cannot write {self / name} ({exc.strerror or exc}): free some space or fix "
+                            "the folder's permissions, then continue with --resume "
+                            f"{self / 'last.pt'}") from None
+    return method
 
 
 def default_path(args) -> str:
@@ -42,6 +73,8 @@ class RunFolder:
     def __init__(self, path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled  # False on every torchrun process but rank 0
+        self._lock = None  # the open lock file while held
+        self._made = None  # the highest folder this run created, removed again if left empty
 
     @classmethod
     def check(cls, args, resuming: bool, enabled: bool = True) -> "RunFolder":
@@ -60,7 +93,56 @@ class RunFolder:
     def __truediv__(self, name) -> Path:
         return self.path / name
 
+    def __enter__(self) -> "RunFolder":
+        """Create the folder and take its lock: a real write, so a folder nobody can write fails now."""
+        if not self.enabled:
+            return self
+        self._made = next((p for p in reversed([self.path, *self.path.absolute().parents])
+                           if not p.exists()), None)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self / LOCK, "a+")
+        except OSError as exc:
+            self._remove_made()
+            raise _unwritable(self.path, exc.strerror or exc) from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            self._lock = None
+            raise UserError(f"{self.path} is in use by another run (process {holder}): wait for it to "
+                            "end, or choose another --out-dir") from None
+        self._lock.truncate(0)
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+        for stale in self.path.glob(".*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        if self._lock is not None:
+            (self / LOCK).unlink(missing_ok=True)
+            self._lock.close()  # releases the flock
+            self._lock = None
+            self._remove_made()
+        return False
+
+    def _remove_made(self) -> None:
+        """Remove the folders this run created if nothing was written into them."""
+        if self._made is None:
+            return
+        for folder in [self.path.absolute(), *self.path.absolute().parents]:
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
+            if folder == self._made.absolute():
+                return
+
     def make(self) -> None:
+        """The folder exists once the run holds it (``__enter__``); kept for callers outside a ``with``."""
         if not self.enabled:
             return
         try:
@@ -77,33 +159,38 @@ class RunFolder:
 
     def end_epoch(self, state: dict, history: list, is_best: bool, status: str) -> None:
         """last.pt (and best.pt), then the metrics row, then the report: in that order."""
-        if not self.enabled:
-            return
-        checkpoint.save(self / "last.pt", state)
+        self.save("last.pt", state)
         if is_best:
-            checkpoint.save(self / "best.pt", state)
-        write_csv(self / "metrics.csv", history, METRIC_COLUMNS)
+            self.save("best.pt", state)
+        self.write_csv("metrics.csv", history, METRIC_COLUMNS)
         self.report(status)
 
+    @_guarded
+    def save(self, name: str, state: dict) -> None:
+        checkpoint.save(self / name, state)
+
+    @_guarded
     def write_text(self, name: str, text: str) -> None:
-        if self.enabled:
-            write_text(self / name, text)
+        write_text(self / name, text)
 
+    @_guarded
     def write_json(self, name: str, obj) -> None:
-        if self.enabled:
-            write_json(self / name, obj)
+        write_json(self / name, obj)
 
+    @_guarded
     def write_csv(self, name: str, rows: list, columns: list) -> None:
-        if self.enabled:
-            write_csv(self / name, rows, columns)
+        write_csv(self / name, rows, columns)
 
+    @_guarded
     def figure(self, name: str, fig) -> None:
-        if self.enabled:
-            save_figure(fig, self / name)
+        save_figure(fig, self / name)
 
     def report(self, status: str = "finished") -> None:
-        if self.enabled:
-            write_report(self.path, status)
+        self._report("report.html", status)
+
+    @_guarded
+    def _report(self, name: str, status: str) -> None:
+        write_report(self.path, status)
 
 
 def _unwritable(out: Path, reason) -> UserError:

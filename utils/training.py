@@ -3,6 +3,8 @@
 Each function takes the resolved arguments and returns one piece; the epoch loop
 itself stays in ``main.train`` where it can be read in one screen.
 """
+import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +37,9 @@ def load_splits(args):
                             f"pass at most {len(split.labels)}")
         idx = balanced_subset(split.labels, n, args.seed)
         split.images, split.labels = split.images[idx], split.labels[idx]
+    if len(splits[0].classes) == 1:
+        print(f"warning: the data has one class ({splits[0].classes[0]}): the model can only learn to "
+              "predict it; add a folder per class to train a classifier", file=sys.stderr)
     return splits
 
 
@@ -204,7 +209,13 @@ class Progress:
                    list(resume["lrs"]))
 
     def record(self, epoch: int, tr: dict, te: dict) -> bool:
-        """Append the epoch's metrics row; True when its test accuracy is the best so far."""
+        """Append the epoch's metrics row; True when its test accuracy is the best so far.
+
+        A non-finite test loss means a non-finite model: a UserError, so it is never saved.
+        """
+        if not math.isfinite(te["loss"]):
+            raise UserError(f"the test loss of epoch {epoch} is {te['loss']}: the model is no longer "
+                            f"finite; last.pt holds epoch {self.epoch}: start a new run with a lower --max-lr")
         self.history.append({"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                              "test_loss": te["loss"], "test_acc": te["acc"],
                              "test_acc_single": te["single_acc"], "seconds": tr["seconds"] + te["seconds"]})
