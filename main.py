@@ -34,7 +34,7 @@ from utils.interpret import Interpretation, write_analysis
 from utils.plots import lr_figure, plot_curves
 from utils.run_folder import RunFolder
 from utils.seed import seed_everything, set_epoch
-from utils.signals import exit_status, sigterm_as_interrupt
+from utils.signals import as_stop, exit_status, sigterm_as_interrupt
 from utils.training import (Progress, build_loader, build_model, build_optimizer, build_scheduler,
                             check_parallel, find_lr, load_splits, setup_line, wrap)
 
@@ -214,13 +214,12 @@ def train(args, resume, run, ddp) -> int:
     model, table, cpu_convs = build_model(args, len(train_split.classes), device, precision, channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     print(table, end="")
-    found = ""
-    if args.lr_find or args.lr == "auto":
-        found = find_lr(args, model, criterion, train_loader, device, precision, channels_last, run)
-        if args.epochs == 0:
-            run.start(args, table + found, "finished")
-            print(f"run folder: {run.path}")
-            return 0
+    found = (find_lr(args, model, criterion, train_loader, device, precision, channels_last, run)
+             if args.lr_find or args.lr == "auto" else "")
+    if args.epochs == 0:  # --lr-find --epochs 0: the range test alone
+        run.start(args, table + found, "finished")
+        print(f"run folder: {run.path}")
+        return 0
     optimizer = build_optimizer(args, model, args.lr)
     scheduler = build_scheduler(args, optimizer, len(train_loader))
     scaler = precision.grad_scaler()
@@ -231,6 +230,7 @@ def train(args, resume, run, ddp) -> int:
     print(setup)
     header = table + found + setup + "\n"
     run.start(args, header, f"training: {progress.epoch} of {args.epochs} epochs done")
+    run.saved_epoch = progress.epoch
     if progress.epoch >= args.epochs:
         print(f"{args.resume} already finished all {args.epochs} epochs: nothing to train")
 
@@ -250,12 +250,14 @@ def train(args, resume, run, ddp) -> int:
                                            scaler=scaler, **progress.state(), args=vars(args),
                                            classes=train_split.classes, steps_per_epoch=len(train_loader))
             run.end_epoch(state, progress.history, is_best, f"training: {epoch} of {args.epochs} epochs done")
-            progress.epoch = epoch  # the epoch last.pt holds
+            progress.epoch = epoch
             print(f"{desc} | {progress.line(tr, te, is_best, args.tta)}", flush=True)
     except NonFiniteLoss as exc:
-        raise diverged(run, args, epoch, exc.step, progress.epoch) from None
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (utils/signals.py)
-        return interrupted(run, progress.epoch, exc)
+        raise diverged(run, args, epoch, exc.step) from None
+    except (KeyboardInterrupt, RuntimeError) as exc:  # Ctrl-C, or SIGTERM (utils/signals.py)
+        if as_stop(exc) is None:
+            raise
+        return interrupted(run, as_stop(exc))
 
     same, agreement = dist_utils.check_replicas(model)
     if not same:
@@ -282,9 +284,9 @@ def postfix(batches):
     return log
 
 
-def interrupted(run, done: int, exc: KeyboardInterrupt) -> int:
+def interrupted(run, exc: KeyboardInterrupt) -> int:
     """Ctrl-C or SIGTERM: say which epoch last.pt holds and how to continue; exit status 130 or 143."""
-    where = f"after epoch {done}" if done else "before the first epoch ended"
+    where = f"after epoch {run.saved_epoch}" if run.saved_epoch else "before the first epoch ended"
     how = "terminated (SIGTERM)" if exit_status(exc) == 143 else "interrupted"
     message = f"{how} {where}: continue with --resume {run / 'last.pt'}"
     print(f"\n{message}", file=sys.stderr)
@@ -292,9 +294,10 @@ def interrupted(run, done: int, exc: KeyboardInterrupt) -> int:
     return exit_status(exc)
 
 
-def diverged(run, args, epoch: int, step: int, done: int) -> UserError:
+def diverged(run, args, epoch: int, step: int) -> UserError:
     """The error for a non-finite loss: where it happened, what last.pt holds, what to change."""
-    kept = f"last.pt holds epoch {done}, the last finite one" if done else "no checkpoint was written"
+    kept = (f"last.pt holds epoch {run.saved_epoch}, the last finite one" if run.saved_epoch
+            else "no checkpoint was written")
     message = (f"the training loss became non-finite (NaN or inf) at epoch {epoch}, step {step}; "
                f"{kept}: start a new run with a lower --max-lr than {args.lr:g}")
     run.report(f"stopped: {message}")

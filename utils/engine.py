@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .dist import all_reduce_max, all_reduce_sum
 from .errors import UserError
+from .signals import Terminated, pending
 
 
 class NonFiniteLoss(UserError):
@@ -41,6 +42,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     seen, lr = 0, optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for step, (images, labels) in enumerate(loader, 1):
+        if pending():  # a SIGTERM whose exception Python dropped (utils/signals.py)
+            raise Terminated()
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast():
             logits = model(images)

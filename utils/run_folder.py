@@ -74,6 +74,7 @@ class RunFolder:
         self.path = Path(path)
         self.enabled = enabled  # False on every torchrun process but rank 0
         self._lock = None  # the open lock file while held
+        self.saved_epoch = 0  # the epoch last.pt holds, set right after it is written
         self._made = None  # the highest folder this run created, removed again if left empty
 
     @classmethod
@@ -160,6 +161,7 @@ class RunFolder:
     def end_epoch(self, state: dict, history: list, is_best: bool, status: str) -> None:
         """last.pt (and best.pt), then the metrics row, then the report: in that order."""
         self.save("last.pt", state)
+        self.saved_epoch = state["epoch"]
         if is_best:
             self.save("best.pt", state)
         self.write_csv("metrics.csv", history, METRIC_COLUMNS)

@@ -1,6 +1,7 @@
 """Seeding: Python, NumPy, torch, the loader's shuffle and every worker's augmentations."""
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ def seed_worker(worker_id: int) -> None:
     torch gives each worker ``base_seed + worker_id``, and the base seed is drawn
     from the loader's generator, so the seeds follow from ``--seed`` and the epoch.
     """
+    # a forked worker inherits the main process's SIGTERM handler (utils/signals.py); a worker
+    # simply ends on SIGTERM, the main process reports the stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
