@@ -56,7 +56,7 @@ class Preprocess:
 
     def transform(self):
         """The Albumentations pipeline uint8 (H, W, 3) -> normalised (3, H, W), as at test time."""
-        from .data import test_transform
+        from .images import test_transform
         return test_transform(self.mean, self.std)
 
     def to_tensor(self, images) -> torch.Tensor:
