@@ -2,7 +2,7 @@
 
     python bench.py                                  # both models, the device main.py would pick
     python bench.py --model custom_resnet --batch-size 512 --device cuda --compile
-    python bench.py --data-dir /tmp/cifar10-jpg --workers 0 2
+    python bench.py --data-dir DIR --workers 0 2       # DIR: an image folder (train/<class>/*)
 
 For each model: training images/s of our step (``utils.engine.train_one_epoch``, the
 loop main.py runs, with its precision and memory format) and evaluation images/s
