@@ -12,7 +12,6 @@ its probability, the top-k classes, and, for files in ``<class>/`` folders
 named like the model's classes, the true class (the accuracy is printed). A
 file that cannot be read gets its error in the row; ``--strict`` stops instead.
 """
-import csv
 import io
 import sys
 import time
@@ -22,12 +21,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import utils.io
 from utils.cli import DEVICES, Parser, int_at_least, run_command
 from utils.data import load_data, set_max_image_pixels
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.inference import Predictor, find_images, read_batch, top_k, true_class
-from utils.io import write_text
 
 
 def build_parser():
@@ -150,12 +149,8 @@ def write_cams(args, model, images: np.ndarray, numbers: list, files: list) -> l
 
 
 def write_csv(path: Path, rows: list, columns: list) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     try:
-        write_text(path, buf.getvalue())
+        utils.io.write_csv(path, rows, columns)  # whole or not at all
     except OSError as exc:
         raise UserError(f"cannot write {path} ({exc.strerror}): choose a writable --out") from None
 
