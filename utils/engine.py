@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .dist import all_reduce_max, all_reduce_sum
 from .errors import UserError
-from .signals import Terminated, pending
+from .signals import check as check_sigterm
 
 
 class NonFiniteLoss(UserError):
@@ -42,8 +42,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     seen, lr = 0, optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for step, (images, labels) in enumerate(loader, 1):
-        if pending():  # a SIGTERM whose exception Python dropped (utils/signals.py)
-            raise Terminated()
+        check_sigterm()  # between batches: a SIGTERM stops the run here (utils/signals.py)
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast():
             logits = model(images)
@@ -99,6 +98,7 @@ def evaluate(model, loader, device, precision, channels_last=False, tta=False) -
     seen = 0
     start = time.perf_counter()
     for images, labels in loader:
+        check_sigterm()
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast():
             single, mirrored = _views(model, images, tta)
