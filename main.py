@@ -17,7 +17,6 @@ import os
 import shlex
 import sys
 
-import torch
 import torch.nn as nn
 from tqdm import tqdm
 
