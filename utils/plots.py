@@ -28,10 +28,11 @@ def save_figure(fig, path) -> None:
 
 
 def plot_curves(history: list):
-    """Loss and accuracy per epoch, train and test, side by side."""
+    """Loss and accuracy per epoch, train, validation (when there is one) and test, side by side."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=DPI)
-    for split in ("train", "test"):
+    splits = ("train", "val", "test") if history and history[-1].get("val_acc", "") != "" else ("train", "test")
+    for split in splits:
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
         ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], marker="o", label=split)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
@@ -151,5 +152,30 @@ def image_sizes_figure(sizes: dict, top: int = 10):
         rest = sum(counter.values()) - sum(n for _, n in common)
         ax.set(xlabel="width x height (pixels)", ylabel="images",
                title=f"{split}: {len(counter)} size(s)" + (f", {rest} images in rarer sizes" if rest else ""))
+    fig.tight_layout()
+    return fig
+
+
+def faithfulness_figure(rows: list):
+    """Per layer, the mean probability drop against the fraction of pixels removed (utils.faithfulness rows).
+
+    One line per method, the random removal dashed; the farther a method's line lies above
+    the dashed one, the more faithful its maps.
+    """
+    layers = list(dict.fromkeys(r["layer"] for r in rows)) or ["(no rows)"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.6), dpi=DPI, squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        here = [r for r in rows if r["layer"] == layer]
+        for method in dict.fromkeys(r["method"] for r in here):
+            mine = sorted((r["fraction"], r["drop_map"]) for r in here if r["method"] == method)
+            ax.plot([100 * f for f, _ in mine], [d for _, d in mine], marker="o", label=method)
+        chance = sorted({(r["fraction"], r["drop_random"]) for r in here})
+        ax.plot([100 * f for f, _ in chance], [d for _, d in chance], "k--", marker="x", label="random")
+        n = here[0]["images"] if here else 0
+        ax.set(xlabel="pixels removed (%)", ylabel="mean drop of class probability",
+               title=f"{layer} ({n} images)")
+        ax.grid(alpha=0.3)
+        if here:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
