@@ -24,11 +24,13 @@ from model import ADAM_LR, MODELS, NORMS
 from utils import checkpoint, engine
 from utils import dist as dist_utils
 from utils.cli import DEVICES, Parser, float_in, given_flags, int_at_least, lr_or_auto, option_names
+from utils.assess import assess
 from utils.data import default_workers, set_max_image_pixels
 from utils.describe import describe
 from utils.device import choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.engine import NonFiniteLoss
 from utils.errors import UserError
+from utils.gradcam import METHODS
 from utils.interpret import Interpretation, write_analysis
 from utils.plots import lr_figure, plot_curves
 from utils.run_folder import RunFolder
@@ -93,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a fixed class-balanced subset of N images")
     g.add_argument("--test-subset", type=int_at_least(1), default=None,
                    help="test on a fixed class-balanced subset of N images")
+    g.add_argument("--val-split", type=int_at_least(1), default=None,
+                   help="hold out N class-balanced training images (fixed by --seed) as a validation set: "
+                        "best.pt is chosen on it and the test set is only measured (default: none, "
+                        "best.pt is chosen on the test set)")
     g.add_argument("--cutout-p", type=float_in(0, 1), default=0.5,
                    help="probability of the 8x8 cutout hole")
     g.add_argument("--analyze", action="store_true",
@@ -153,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradcam-layer", default=None,
                    help=f"dotted name of the Grad-CAM layer (default: {recipes('cam_layer')}; 8x8 maps, "
                         "see gradcam.py)")
+    g.add_argument("--cam-method", default="gradcam", choices=METHODS,
+                   help="CAM method of the gallery (gradcam.png)")
+
+    g = p.add_argument_group("assessing the final model (README, \"Results you can trust\")")
+    g.add_argument("--robustness", action="store_true",
+                   help="also test on CIFAR-10-C-style corrupted copies of the test set (noise, blur, JPEG, "
+                        "brightness, contrast; 5 severities each, made locally and fixed by --seed)")
+    g.add_argument("--robustness-subset", type=int_at_least(1), default=None,
+                   help="corrupt a fixed class-balanced subset of N test images (default: all)")
+    g.add_argument("--faithfulness", type=int_at_least(0), default=0, metavar="N",
+                   help="score every CAM method's faithfulness on N test images: the drop of the class "
+                        "probability when the pixels its map ranks highest are removed, against "
+                        "removing random ones (default: 0, off)")
     return p
 
 
@@ -205,9 +224,11 @@ def train(args, resume, run, ddp) -> int:
     precision = choose_precision(device, args.amp)
     channels_last = use_channels_last(device, args.channels_last, args.norm)
 
-    train_split, test_split = load_splits(args)
+    train_split, val_split, test_split = load_splits(args)
     train_loader = build_loader(args, train_split, device, train=True, ddp=ddp)
+    val_loader = val_split and build_loader(args, val_split, device, train=False, ddp=ddp)
     test_loader = build_loader(args, test_split, device, train=False, ddp=ddp)
+    args.data = data_sizes(train_split, val_split, test_split)
     if resume is not None:
         checkpoint.check_steps(resume, len(train_loader), args)
     model, table, cpu_convs = build_model(args, len(train_split.classes), device, precision, channels_last)
@@ -224,8 +245,7 @@ def train(args, resume, run, ddp) -> int:
     scaler = precision.grad_scaler()
     progress = Progress.restore(resume, model, optimizer, scheduler, scaler)
     train_net, eval_net = wrap(model, args, ddp, device)
-    sizes = (len(train_split.labels), len(test_split.labels), len(train_split.classes))
-    setup = setup_line(args, device, precision, channels_last, cpu_convs, ddp, sizes)
+    setup = setup_line(args, device, precision, channels_last, cpu_convs, ddp)
     print(setup)
     header = table + found + setup + "\n"
     run.start(args, header, f"training: {progress.epoch} of {args.epochs} epochs done")
@@ -242,15 +262,15 @@ def train(args, resume, run, ddp) -> int:
                                             device, precision, channels_last, log=postfix(batches),
                                             log_interval=args.log_interval, lr_log=progress.lrs)
             dist_utils.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
-            with bar(test_loader, f"{desc} test", ddp.main) as batches:
-                te = engine.evaluate(eval_net, batches, device, precision, channels_last, tta=args.tta)
-            is_best = progress.record(epoch, tr, te)  # UserError on a non-finite test loss
+            va, te = (measure(loader, f"{desc} {name}", eval_net, device, precision, channels_last, args,
+                              ddp.main) for loader, name in ((val_loader, "val"), (test_loader, "test")))
+            is_best = progress.record(epoch, tr, va, te)  # UserError on a non-finite loss
             state = checkpoint.build_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                            scaler=scaler, **progress.state(), args=vars(args),
                                            classes=train_split.classes, steps_per_epoch=len(train_loader))
             run.end_epoch(state, progress.history, is_best, f"training: {epoch} of {args.epochs} epochs done")
             progress.epoch = epoch
-            print(f"{desc} | {progress.line(tr, te, is_best, args.tta)}", flush=True)
+            print(f"{desc} | {progress.line(tr, va, te, is_best, args.tta)}", flush=True)
     except NonFiniteLoss as exc:
         raise diverged(run, args, epoch, exc.step) from None
     except (KeyboardInterrupt, RuntimeError) as exc:  # Ctrl-C, or SIGTERM (utils/signals.py)
@@ -267,8 +287,23 @@ def train(args, resume, run, ddp) -> int:
             test_loader = build_loader(args, test_split, device, train=False)
         interp = Interpretation.from_model(model, test_loader, test_split, device, precision,
                                            channels_last, args.tta)
-        finish(run, args, progress, header + agreement, interp, test_split, model, len(train_loader))
+        finish(run, args, progress, header + agreement, interp, test_split, model, len(train_loader),
+               (device, precision, channels_last))
     return 0
+
+
+def data_sizes(train, val, test) -> dict:
+    """The data a run saw, recorded in args.json: compare.py refuses to compare runs on other data."""
+    return {"classes": list(train.classes), "train": len(train.labels),
+            "val": 0 if val is None else len(val.labels), "test": len(test.labels)}
+
+
+def measure(loader, desc, net, device, precision, channels_last, args, show: bool):
+    """engine.evaluate over one split with a progress bar; None when the split is absent."""
+    if loader is None:
+        return None
+    with bar(loader, desc, show) as batches:
+        return engine.evaluate(net, batches, device, precision, channels_last, tta=args.tta)
 
 
 def bar(loader, desc: str, enabled: bool):
@@ -303,12 +338,13 @@ def diverged(run, args, epoch: int, step: int) -> UserError:
     return UserError(message)
 
 
-def finish(run, args, progress, header, interp, split, model, steps_per_epoch) -> None:
-    """Curves, the lr plot, the final summary, per-class accuracy and galleries, the report."""
+def finish(run, args, progress, header, interp, split, model, steps_per_epoch, hardware) -> None:
+    """Curves, the lr plot, per-class accuracy, galleries, the assessments, the summary, the report."""
     run.figure("curves.png", plot_curves(progress.history))
     run.figure("lr.png", lr_figure(progress.lrs, steps_per_epoch))
     result = progress.result(args.tta)
-    result += write_analysis(run, interp, split, model, args.gradcam_layer, args.gallery_size)
+    result += write_analysis(run, interp, split, model, args.gradcam_layer, args.gallery_size, args.cam_method)
+    result += assess(run, args, interp, split, model, *hardware, progress)
     run.write_text("summary.txt", header + result)
     run.report()
     print(result + f"run folder: {run.path}")

@@ -3,6 +3,7 @@
     MODELS["resnet18"](num_classes=10, norm="bn")   # builds the model
     MODELS["resnet18"].epochs, .batch_size, .lr       # its recipe's defaults
     MODELS["resnet18"].cam_layer                      # its default Grad-CAM layer
+    MODELS["resnet18"].deep_layer                     # its last feature map (4x4)
 
 In the spirit of timm's ``default_cfgs``: every fact about a model lives here,
 and ``main.py``, ``gradcam.py`` and the tests read it from here.
@@ -28,6 +29,7 @@ class ModelEntry:
     batch_size: int
     lr: float  # One Cycle's peak learning rate for SGD
     cam_layer: str  # deepest layer with 8x8 maps on 32x32 inputs (gradcam.py says why)
+    deep_layer: str  # the last feature map before pooling (4x4), the usual CAM layer elsewhere
     about: str
 
     def __call__(self, num_classes: int = 10, norm: str = "bn") -> nn.Module:
@@ -40,8 +42,10 @@ class ModelEntry:
 # 0.33, Smith's upper bound for a cycle (docs/results.md).
 MODELS = {
     "resnet18": ModelEntry(resnet18, epochs=20, batch_size=128, lr=0.1, cam_layer="layer3",
+                           deep_layer="layer4",
                            about="ResNet-18 in kuangliu's CIFAR form, 11.2M parameters"),
     "custom_resnet": ModelEntry(custom_resnet, epochs=24, batch_size=512, lr=0.4, cam_layer="layer2",
+                                deep_layer="layer3",
                                 about="Page's ResNet9-style network, 6.6M parameters"),
 }
 ADAM_LR = 1e-3  # peak lr for --optimizer adam when none is given

@@ -64,7 +64,7 @@ def test_explain_draws_the_image_and_its_map(explorer, run):
 @pytest.mark.parametrize("call,needle", [
     (lambda e, img: e.explain(img, "predicted", "layer9", "gradcam", 0.5), "layer 'layer9' is not one of"),
     (lambda e, img: e.explain(img, "cat", "layer2", "gradcam", 0.5), "class 'cat' is not one of"),
-    (lambda e, img: e.explain(img, "predicted", "layer2", "scorecam", 0.5), "method 'scorecam' is not one of"),
+    (lambda e, img: e.explain(img, "predicted", "layer2", "fullgrad", 0.5), "method 'fullgrad' is not one of"),
     (lambda e, img: e.classify(None, 3), "no image: upload one"),
     (lambda e, img: e.classify(__file__, 3), "cannot read image"),
 ])

@@ -148,6 +148,7 @@ def test_load_trained_takes_preprocessing_from_the_checkpoint(run, tmp_path):
     ("--cutout-p", "0.3", "0.5"),
     ("--train-subset", "9", "None"),
     ("--test-subset", "6", "None"),
+    ("--val-split", "6", "None"),
     ("--seed", "7", "1"),
 ])
 def test_a_flag_that_changes_the_mathematics_is_refused(run, flag, value, saved, capsys):

@@ -21,8 +21,9 @@ from conftest import write_image_folder
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ["args.json", "summary.txt", "metrics.csv", "last.pt", "best.pt", "curves.png",
              "per_class.csv", "confusion.png", "misclassified.png", "misclassified.csv", "gradcam.png",
-             "lr.png"]
-COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "seconds"]
+             "lr.png", "reliability.png", "results.json"]
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+           "test_acc_single", "seconds"]
 
 
 def run(data, out, *extra):

@@ -37,7 +37,7 @@ REQUIRED = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_acc", "a
 # checked through the steps per epoch it gives).
 MATH_FLAGS = ("model", "norm", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
               "weight_decay", "label_smoothing", "scheduler", "peak_epoch", "div_factor", "annihilate",
-              "cutout_p", "train_subset", "test_subset", "seed")
+              "cutout_p", "train_subset", "test_subset", "val_split", "seed")
 # Never taken from the checkpoint: they describe this invocation, not the run.
 NOT_INHERITED = ("resume", "out_dir", "command", "lr_find", "analyze")
 

@@ -13,7 +13,7 @@ import torch
 from .analysis import confusion_matrix, per_class, top_losses
 from .cifar import to_uint8_image
 from .engine import predict
-from .gradcam import GradCAM, overlay
+from .gradcam import CAMS, overlay
 from .plots import confusion_figure, image_grid
 
 
@@ -46,7 +46,8 @@ class Interpretation:
                  "true_prob": float(self.probs[i, self.labels[i]])} for r, i in enumerate(idx, 1)]
 
 
-def write_analysis(run, interp: Interpretation, split, model, layer: str, gallery_size: int) -> str:
+def write_analysis(run, interp: Interpretation, split, model, layer: str, gallery_size: int,
+                   method: str = "gradcam") -> str:
     """per_class.csv, confusion.png and, unless ``gallery_size`` is 0, the two galleries.
 
     Returns the per-class table for summary.txt.
@@ -55,16 +56,18 @@ def write_analysis(run, interp: Interpretation, split, model, layer: str, galler
     run.write_csv("per_class.csv", rows, ["class", "correct", "total", "accuracy"])
     run.figure("confusion.png", confusion_figure(interp.confusion(), interp.classes))
     if gallery_size:
-        write_galleries(run, interp, split, model, layer, interp.worst(gallery_size))
+        write_galleries(run, interp, split, model, layer, interp.worst(gallery_size), method)
     return "per-class test accuracy (final model):\n" + "".join(
         f"  {r['class']:<12} {r['accuracy']:6.2f}% ({r['correct']}/{r['total']})\n" for r in rows)
 
 
-def write_galleries(run, interp: Interpretation, split, model, layer: str, worst: list) -> None:
+def write_galleries(run, interp: Interpretation, split, model, layer: str, worst: list,
+                    method: str = "gradcam") -> None:
     """misclassified.csv/.png and gradcam.png: the worst mistakes, then their maps.
 
     The images are de-normalised from the tensors the model saw; Grad-CAM
-    explains the unflipped image, for the predicted and for the true class.
+    explains the unflipped image (with ``method``, one of utils.gradcam.CAMS), for the
+    predicted and for the true class.
     """
     classes = interp.classes
     run.write_csv("misclassified.csv",
@@ -80,7 +83,7 @@ def write_galleries(run, interp: Interpretation, split, model, layer: str, worst
         batch = torch.stack([transform(image=split.images[w["index"]])["image"] for w in worst])
         shown = [to_uint8_image(x) for x in batch]  # de-normalised: what the model saw
         true, pred = [w["true"] for w in worst], [w["pred"] for w in worst]
-        with GradCAM(model, layer) as cam:
+        with CAMS[method](model, layer) as cam:
             maps_pred, maps_true = cam(batch, pred), cam(batch, true)
         for k, (w, image) in enumerate(zip(worst, shown, strict=True)):
             t, p = classes[w["true"]], classes[w["pred"]]
@@ -89,5 +92,5 @@ def write_galleries(run, interp: Interpretation, split, model, layer: str, worst
             labels += [f"true {t}\npred {p} ({w['confidence']:.0%})", f"CAM of pred\n{p}", f"CAM of true\n{t}"]
     run.figure("misclassified.png", image_grid(shown, titles, ncols=5, suptitle=note))
     run.figure("gradcam.png", image_grid(tiles, labels, ncols=9,
-                                         suptitle=f"Grad-CAM at {layer}: each image, then the map of "
+                                         suptitle=f"{method} at {layer}: each image, then the map of "
                                                   "the predicted class, then of the true class"))

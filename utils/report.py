@@ -20,7 +20,11 @@ FIGURES = [
     ("lr.png", "Learning rate of every optimizer step, as it ran"),
     ("lr_finder.png", "LR range test"),
     ("misclassified.png", "The worst mistakes on the test set (lowest probability of the true class first)"),
-    ("gradcam.png", "Grad-CAM of those images: the predicted class, then the true class"),
+    ("gradcam.png", "Class activation maps of those images: the predicted class, then the true class"),
+    ("reliability.png", "Calibration of the final model on the test set: accuracy per confidence bin"),
+    ("robustness.png", "Accuracy on CIFAR-10-C-style corruptions made locally (not the published CIFAR-10-C)"),
+    ("faithfulness.png", "Faithfulness of the CAM methods: probability drop when the top-ranked pixels are "
+                         "removed, against random pixels"),
     ("confusion.png", "Confusion matrix of the final model"),
     ("class_counts.png", "Images per class"),
     ("samples.png", "Training images of each class"),
@@ -30,6 +34,7 @@ FIGURES = [
 METRIC_FORMATS = {
     "epoch": ("epoch", "{:.0f}"), "lr": ("lr (end)", "{:.4g}"),
     "train_loss": ("train loss", "{:.4f}"), "train_acc": ("train acc %", "{:.2f}"),
+    "val_loss": ("val loss", "{:.4f}"), "val_acc": ("val acc %", "{:.2f}"),
     "test_loss": ("test loss", "{:.4f}"), "test_acc": ("test acc %", "{:.2f}"),
     "test_acc_single": ("test acc % (single view)", "{:.2f}"), "seconds": ("seconds", "{:.1f}"),
 }
@@ -57,15 +62,22 @@ def headline(rows: list) -> str:
     if not rows:
         return "No epoch has finished yet."
     final = rows[-1]
+    if final.get("val_acc", "") != "":
+        best = max(rows, key=lambda r: float(r["val_acc"]))  # the first of equals, as best.pt
+        return (f"Final test accuracy {float(final['test_acc']):.2f}% (epoch {final['epoch']}) | "
+                f"best.pt: epoch {best['epoch']}, chosen on validation accuracy "
+                f"{float(best['val_acc']):.2f}%; its test accuracy {float(best['test_acc']):.2f}%")
     best = max(rows, key=lambda r: float(r["test_acc"]))
     return (f"Final test accuracy {float(final['test_acc']):.2f}% (epoch {final['epoch']}) | "
-            f"best {float(best['test_acc']):.2f}% (epoch {best['epoch']})")
+            f"best.pt: epoch {best['epoch']}, {float(best['test_acc']):.2f}%, chosen on the test set "
+            "(optimistic: --val-split N chooses on held-out training images)")
 
 
 def _metrics_table(rows: list) -> str:
     if not rows:
         return "<p>No epoch has finished yet.</p>"
-    columns = [c for c in rows[0] if c in METRIC_FORMATS]
+    # the val columns are empty without --val-split: left out
+    columns = [c for c in rows[0] if c in METRIC_FORMATS and any(r[c] != "" for r in rows)]
     head = "".join(f"<th>{html.escape(METRIC_FORMATS[c][0])}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{METRIC_FORMATS[c][1].format(float(r[c])) if r[c] != '' else ''}</td>"

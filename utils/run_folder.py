@@ -5,7 +5,9 @@
         summary.txt    model table, set-up line, results, per-class accuracy
         metrics.csv    one row per finished epoch (timm's update_summary)
         last.pt        the latest epoch's checkpoint; best.pt the best one (timm's CheckpointSaver)
-        *.png, *.csv   curves, lr, galleries, confusion, per-class accuracy
+        *.png, *.csv   curves, lr, galleries, confusion, per-class accuracy, reliability diagram,
+                       robustness and faithfulness (when asked for)
+        results.json   final and best.pt accuracies (and on which split best.pt was chosen), ECE, ...
         report.html    one self-contained page of all of it, rewritten after every epoch
 
 After an epoch the checkpoint is written before the metrics row, so metrics.csv
@@ -35,8 +37,9 @@ from .io import write_csv, write_json, write_text
 from .plots import save_figure
 from .report import write_report
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single",
-                  "seconds"]
+# val_loss and val_acc are empty without --val-split
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                  "test_acc_single", "seconds"]
 
 
 LOCK = ".lock"

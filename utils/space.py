@@ -42,8 +42,8 @@ pinned: false
 
 # {name}: predictions, Grad-CAM and mistakes
 
-A {name} trained on {len(classes)} classes ({', '.join(classes)}); best test accuracy of its run
-{accuracy:.2f}%. Upload an image or click an example to see the top classes and the Grad-CAM map
+A {name} trained on {len(classes)} classes ({', '.join(classes)}); test accuracy of this
+checkpoint {accuracy:.2f}%. Upload an image or click an example to see the top classes and the Grad-CAM map
 of any class, layer and method. Run it anywhere with `pip install -r requirements.txt && python app.py`.
 """
 
@@ -72,6 +72,7 @@ def export_space(checkpoint_path, folder, repo: Path) -> str:
         if (Path(checkpoint_path).parent / name).is_file():
             shutil.copyfile(Path(checkpoint_path).parent / name, folder / name)
     write_text(folder / "requirements.txt", REQUIREMENTS)
-    write_text(folder / "README.md", readme(explorer.predictor.name, explorer.classes, ckpt["best_acc"]))
+    write_text(folder / "README.md", readme(explorer.predictor.name, explorer.classes,
+                                                   float(ckpt["history"][-1]["test_acc"])))
     return (f"wrote {folder}: app.py, model/, utils/ ({len(MODULES) - 5} modules), model.pt, "
             f"{len(examples)} examples, requirements.txt, README.md; push it to a Gradio Space")

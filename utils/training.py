@@ -7,6 +7,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -15,7 +16,7 @@ from model import MODELS, summary
 from . import dist as dist_utils
 from .checkpoint import CheckpointError
 from .cpu_conv import use_cpu_convs
-from .data import balanced_subset, load_data, make_loader, test_transform, train_transform
+from .data import Split, balanced_subset, load_data, make_loader, test_transform, train_transform
 from .errors import UserError
 from .gpu_aug import DeviceLoader
 from .gradcam import check_layer
@@ -26,21 +27,34 @@ from .seed import set_epoch
 
 
 def load_splits(args):
-    """Train and test Splits, cut to the class-balanced subsets asked for."""
-    splits = load_data(args.data_dir)
-    for split, n, flag in zip(splits, (args.train_subset, args.test_subset),
-                              ("--train-subset", "--test-subset"), strict=True):
+    """(train, validation or None, test) Splits, cut to the class-balanced subsets asked for.
+
+    ``--val-split N`` holds out N class-balanced training images, fixed by the seed,
+    before ``--train-subset`` picks from the rest: the model never trains on them.
+    """
+    train, test = load_data(args.data_dir)
+    val = None
+    if args.val_split:
+        if args.val_split >= len(train.labels):
+            raise UserError(f"--val-split {args.val_split} leaves no training images of the "
+                            f"{len(train.labels)}: pass fewer")
+        held = balanced_subset(train.labels, args.val_split, args.seed)
+        rest = np.setdiff1d(np.arange(len(train.labels)), held)
+        val = Split(train.images[held], train.labels[held], list(train.classes))
+        train = Split(train.images[rest], train.labels[rest], list(train.classes))
+    for split, n, flag in ((train, args.train_subset, "--train-subset"), (test, args.test_subset, "--test-subset")):
         if n is None:
             continue
         if n > len(split.labels):
-            raise UserError(f"{flag} {n} is more than the {len(split.labels)} images there: "
+            left = " left after --val-split" if split is train and val is not None else " there"
+            raise UserError(f"{flag} {n} is more than the {len(split.labels)} images{left}: "
                             f"pass at most {len(split.labels)}")
         idx = balanced_subset(split.labels, n, args.seed)
         split.images, split.labels = split.images[idx], split.labels[idx]
-    if len(splits[0].classes) == 1:
-        print(f"warning: the data has one class ({splits[0].classes[0]}): the model can only learn to "
+    if len(train.classes) == 1:
+        print(f"warning: the data has one class ({train.classes[0]}): the model can only learn to "
               "predict it; add a folder per class to train a classifier", file=sys.stderr)
-    return splits
+    return train, val, test
 
 
 def check_parallel(args, ddp, device) -> None:
@@ -134,18 +148,21 @@ def wrap(model, args, ddp, device):
     return train_net, eval_net
 
 
-def setup_line(args, device, precision, channels_last, cpu_convs, ddp, sizes) -> str:
+def setup_line(args, device, precision, channels_last, cpu_convs, ddp) -> str:
     """The two lines every run prints first: hardware and data/recipe."""
     parallel = (f"processes: {ddp.world_size} (global batch {args.batch_size}, "
                 f"{args.batch_size // ddp.world_size} each{', SyncBatchNorm' if args.sync_bn else ''}) | "
                 if ddp.enabled else "")
     loading = "gpu-aug (on the device)" if args.gpu_aug else f"workers: {args.workers}"
+    sizes = args.data
+    val = f"{sizes['val']} validation, " if sizes["val"] else ""
     return (f"device: {device} | precision: {precision.name} | memory format: "
             f"{'channels_last' if channels_last else 'NCHW'} | threads: {torch.get_num_threads()} | "
             f"{parallel}{loading}{' | torch.compile' if args.compile else ''}"
             f"{' | 4x4 convs as GEMM' if cpu_convs.get('small_map_gemm') else ''}"
             f"{' | fp32 weight grads of square convs' if cpu_convs.get('fp32_weight_grads') else ''}\n"
-            f"data: {args.data_dir} ({sizes[0]} train, {sizes[1]} test, {sizes[2]} classes) | "
+            f"data: {args.data_dir} ({sizes['train']} train, {val}{sizes['test']} test, "
+            f"{len(sizes['classes'])} classes) | "
             f"batch {args.batch_size} | {args.optimizer} lr {args.lr} | {args.scheduler} | "
             f"epochs {args.epochs} | test-time flip {'on' if args.tta else 'off'} | seed {args.seed}")
 
@@ -208,19 +225,26 @@ class Progress:
         return cls(list(resume["history"]), float(resume["best_acc"]), int(resume["epoch"]),
                    list(resume["lrs"]))
 
-    def record(self, epoch: int, tr: dict, te: dict) -> bool:
-        """Append the epoch's metrics row; True when its test accuracy is the best so far.
+    def record(self, epoch: int, tr: dict, va, te: dict) -> bool:
+        """Append the epoch's metrics row; True when it is the best so far.
 
-        A non-finite test loss means a non-finite model: a UserError, so it is never saved.
+        "Best" is the validation accuracy when there is a validation split (``va``),
+        else the test accuracy. A non-finite evaluation loss means a non-finite model:
+        a UserError, so it is never saved.
         """
-        if not math.isfinite(te["loss"]):
-            raise UserError(f"the test loss of epoch {epoch} is {te['loss']}: the model is no longer "
-                            f"finite; last.pt holds epoch {self.epoch}: start a new run with a lower --max-lr")
+        for name, result in (("validation", va), ("test", te)):
+            if result is not None and not math.isfinite(result["loss"]):
+                raise UserError(f"the {name} loss of epoch {epoch} is {result['loss']}: the model is no "
+                                f"longer finite; last.pt holds epoch {self.epoch}: start a new run with a "
+                                "lower --max-lr")
         self.history.append({"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
+                             "val_loss": "" if va is None else va["loss"], "val_acc": "" if va is None else va["acc"],
                              "test_loss": te["loss"], "test_acc": te["acc"],
-                             "test_acc_single": te["single_acc"], "seconds": tr["seconds"] + te["seconds"]})
-        is_best = te["acc"] > self.best_acc
-        self.best_acc = max(self.best_acc, te["acc"])
+                             "test_acc_single": te["single_acc"], "seconds": tr["seconds"] + te["seconds"]
+                             + (0 if va is None else va["seconds"])})
+        chosen = (te if va is None else va)["acc"]
+        is_best = chosen > self.best_acc
+        self.best_acc = max(self.best_acc, chosen)
         return is_best
 
     def state(self) -> dict:
@@ -228,17 +252,37 @@ class Progress:
         return {"epoch": self.history[-1]["epoch"], "best_acc": self.best_acc, "history": self.history,
                 "lrs": self.lrs}
 
-    def line(self, tr: dict, te: dict, is_best: bool, tta: bool) -> str:
-        """The printed summary of the newest epoch."""
+    def line(self, tr: dict, va, te: dict, is_best: bool, tta: bool) -> str:
+        """The printed summary of the newest epoch; "(best)" marks the accuracy best.pt follows."""
         single = f" (single view {te['single_acc']:.2f}%)" if tta else ""
-        return (f"lr {tr['lr']:.4g} | train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | "
-                f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{' (best)' if is_best else ''}{single} | "
+        best = " (best)" if is_best else ""
+        val = "" if va is None else f"val loss {va['loss']:.4f} acc {va['acc']:.2f}%{best} | "
+        return (f"lr {tr['lr']:.4g} | train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | {val}"
+                f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%{best if va is None else ''}{single} | "
                 f"{self.history[-1]['seconds']:.1f}s ({tr['images_per_s']:.0f} img/s train)")
 
+    def best_row(self) -> dict:
+        """The row best.pt holds: the first epoch with the highest validation (else test) accuracy."""
+        key = "val_acc" if self.best_on == "val" else "test_acc"
+        return max(self.history, key=lambda r: (float(r[key]), -r["epoch"]))
+
+    @property
+    def best_on(self) -> str:
+        """"val" when the run has a validation split, else "test"."""
+        return "val" if self.history and self.history[-1].get("val_acc", "") != "" else "test"
+
     def result(self, tta: bool) -> str:
-        """The final line of summary.txt: final and best accuracy, seconds of epochs."""
-        final = self.history[-1]
+        """summary.txt's result lines: final accuracies, which epoch best.pt holds and why."""
+        final, best = self.history[-1], self.best_row()
         views = (f" (flip TTA; single view {final['test_acc_single']:.2f}%)"
                  if tta and "test_acc_single" in final else "")
-        return (f"final test accuracy {final['test_acc']:.2f}%{views} | best {self.best_acc:.2f}% | "
-                f"{sum(r['seconds'] for r in self.history):.0f}s of epochs\n")
+        val = f" | validation {final['val_acc']:.2f}%" if self.best_on == "val" else ""
+        if self.best_on == "val":
+            chosen = (f"chosen on validation accuracy ({best['val_acc']:.2f}%); its test accuracy "
+                      f"{best['test_acc']:.2f}%")
+        else:
+            chosen = (f"chosen on the test set ({best['test_acc']:.2f}%), so that figure is optimistic: "
+                      "--val-split N chooses on held-out training images instead")
+        return (f"final test accuracy {final['test_acc']:.2f}%{views}{val} | "
+                f"{sum(r['seconds'] for r in self.history):.0f}s of epochs\n"
+                f"best.pt: epoch {best['epoch']}, {chosen}\n")
