@@ -36,7 +36,9 @@ def build_parser():
                                                                    DEFAULT_LAYERS.items()) + ")")
     p.add_argument("--class", dest="class_name", default=None,
                    help="class to explain, by name (default: the predicted class)")
-    p.add_argument("--method", default="gradcam", choices=METHODS, help="CAM method")
+    p.add_argument("--method", default="gradcam", choices=METHODS,
+                   help="CAM method; eigencam is class-agnostic (the same map for any --class), "
+                        "scorecam runs the model once per channel of the layer (slow on a CPU)")
     p.add_argument("--alpha", type=float_in(0, 1), default=0.5, help="heatmap weight in the overlay")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
     p.add_argument("--max-image-pixels", type=int_at_least(1), default=89_478_485,

@@ -1,20 +1,25 @@
-"""Grad-CAM: agreement with pytorch-grad-cam, a model whose answer is known, hooks, overlay."""
+"""CAMs: agreement with pytorch-grad-cam, a model whose answer is known, hooks, overlay."""
 import copy
+import hashlib
+import itertools
 
 import cv2
 import numpy as np
 import pytest
+import pytorch_grad_cam
 import torch
 import torch.nn as nn
-from pytorch_grad_cam import GradCAM as RefGradCAM
-from pytorch_grad_cam import GradCAMPlusPlus as RefGradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import gradcam
-from gradcam import CAMS, DEFAULT_LAYERS, GradCAM, GradCAMPlusPlus, LayerError, overlay
+from gradcam import CAMS, DEFAULT_LAYERS, METHODS, GradCAM, LayerError, overlay
 from model import MODELS, NORMS
+from utils.gradcam import ScoreCAM
 
-REFERENCE = {"gradcam": RefGradCAM, "gradcam++": RefGradCAMPlusPlus}
+REFERENCE = {"gradcam": pytorch_grad_cam.GradCAM, "gradcam++": pytorch_grad_cam.GradCAMPlusPlus,
+             "hirescam": pytorch_grad_cam.HiResCAM, "xgradcam": pytorch_grad_cam.XGradCAM,
+             "layercam": pytorch_grad_cam.LayerCAM, "eigencam": pytorch_grad_cam.EigenCAM,
+             "scorecam": pytorch_grad_cam.ScoreCAM}
 DEEPEST = {"resnet18": "layer4", "custom_resnet": "layer3"}  # 4x4 maps
 
 
@@ -28,11 +33,38 @@ def random_model(name, norm, seed=0):
     return model.eval()
 
 
-def reference_maps(model, layer, method, x, classes):
-    ref_model = copy.deepcopy(model)  # the library puts the model in eval mode and zeroes .grad
+def reference_maps(model, layer, method, x, classes, batch_size=None):
+    # The library puts the model in eval mode and zeroes .grad: a copy takes that. Its ScoreCAM
+    # takes no gradients and gets the model itself, so a Remembered model's outputs are shared.
+    ref_model = model if method == "scorecam" else copy.deepcopy(model)
     targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
     with REFERENCE[method](model=ref_model, target_layers=[gradcam.find_layer(ref_model, layer)]) as cam:
+        if batch_size is not None:
+            cam.batch_size = batch_size  # its ScoreCAM reads this attribute (default 16)
         return cam(input_tensor=x, targets=targets)
+
+
+class Remembered(nn.Module):
+    """``model`` that runs once per distinct input (bit for bit) and then returns the stored output.
+
+    Score-CAM runs the model on every channel's masked copy of the image. Ours and the
+    library's build the same masked inputs, so with the model wrapped those passes run once
+    per layer instead of four times (two implementations x predicted and chosen class): same
+    inputs, same outputs, so the comparison is unchanged. The unmasked ``fresh`` images always
+    run, so that the CAMs' hooks see the layer's activations.
+    """
+
+    def __init__(self, model, fresh):
+        super().__init__()
+        self.model, self.fresh, self.outputs = model, fresh, {}
+
+    def forward(self, x):
+        if x.shape == self.fresh.shape and torch.equal(x, self.fresh):
+            return self.model(x)
+        key = (tuple(x.shape), hashlib.sha1(x.detach().cpu().numpy().tobytes()).digest())
+        if key not in self.outputs:
+            self.outputs[key] = self.model(x)
+        return self.outputs[key]
 
 
 @pytest.mark.parametrize("method", list(CAMS))
@@ -41,24 +73,35 @@ def reference_maps(model, layer, method, x, classes):
 def test_matches_pytorch_grad_cam(name, norm, method):
     model = random_model(name, norm)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    if method == "scorecam":  # a forward pass per channel (256 or 512) and image: one image
+        x = x[:1]
+    chosen = [3, 5, 7, 1][:len(x)]
     for layer in (DEFAULT_LAYERS[name], DEEPEST[name]):
-        for classes in (None, [1, 3, 5, 7]):  # predicted, then chosen
-            with CAMS[method](model, layer) as cam:
+        net = model
+        if method == "scorecam":
+            net, layer = Remembered(model, fresh=x), "model." + layer
+        for classes in (None, chosen):  # predicted, then chosen
+            with CAMS[method](net, layer) as cam:
                 ours = cam(x, classes)
-            theirs = reference_maps(model, layer, method, x, classes)
-            assert ours.shape == theirs.shape == (4, 32, 32) and ours.dtype == np.float32
+            theirs = reference_maps(net, layer, method, x, classes, getattr(cam, "batch_size", None))
+            assert ours.shape == theirs.shape == (len(x), 32, 32) and ours.dtype == np.float32
             assert np.abs(ours - theirs).max() < 1e-4, (layer, classes)
             assert ours.min() == 0 and ours.max() == pytest.approx(1, abs=1e-6)
             if classes is None:
-                assert cam.class_idx.tolist() == cam.logits.argmax(1).tolist()
+                assert cam.class_idx.tolist() == cam.logits.argmax(1).tolist() != chosen
 
 
 def test_methods_differ():
-    """Grad-CAM++ is not Grad-CAM under another name."""
+    """No method is another under a new name: every pair of maps differs somewhere."""
+    assert len(set(CAMS.values())) == len(CAMS) and tuple(CAMS) == METHODS
     model = random_model("resnet18", "bn")
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with GradCAM(model, "layer3") as a, GradCAMPlusPlus(model, "layer3") as b:
-        assert np.abs(a(x) - b(x)).max() > 0.05
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # Score-CAM: 256 passes
+    maps = {}
+    for method, cam_class in CAMS.items():
+        with cam_class(model, "layer3") as cam:
+            maps[method] = cam(x)
+    for a, b in itertools.combinations(METHODS, 2):
+        assert np.abs(maps[a] - maps[b]).max() > 0.05, (a, b)
 
 
 class TwoRegions(nn.Module):
@@ -89,16 +132,18 @@ def two_objects(seed=0):
     return torch.from_numpy(img)[None]
 
 
-@pytest.mark.parametrize("cam_class", [GradCAM, GradCAMPlusPlus])
-def test_cam_peaks_where_the_evidence_is(cam_class):
+CORNERS = {0: (slice(0, 8), slice(24, 32)), 1: (slice(24, 32), slice(0, 8))}  # TwoRegions' squares
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "eigencam"])  # class-discriminative
+def test_cam_peaks_where_the_evidence_is(method):
     model, x = TwoRegions(), two_objects()
-    corners = {0: (slice(0, 8), slice(24, 32)), 1: (slice(24, 32), slice(0, 8))}
-    with cam_class(model, "features") as cam:
+    with CAMS[method](model, "features") as cam:
         predicted = cam(x)[0]
         assert cam.class_idx.tolist() == [0]
         green = cam(x, class_idx=1)[0]
     for heat, k in ((predicted, 0), (green, 1)):
-        rows, cols = corners[k]
+        rows, cols = CORNERS[k]
         peak = np.unravel_index(heat.argmax(), heat.shape)
         assert rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop, (k, peak)
         inside = heat[rows, cols].mean()
@@ -106,12 +151,43 @@ def test_cam_peaks_where_the_evidence_is(cam_class):
         assert inside > 0.6 and outside < 0.1, (k, inside, outside)
 
 
+def test_eigencam_is_class_agnostic():
+    """EigenCAM maps the activations' main component, whatever the class: one map for both.
+
+    Which object it shows depends on the component's sign, which SVD leaves arbitrary (the
+    other sign shows the other square), so the test asks only that the peak is on an object.
+    """
+    model, x = TwoRegions(), two_objects()
+    with CAMS["eigencam"](model, "features") as cam:
+        red = cam(x, class_idx=0)[0]
+        green = cam(x, class_idx=1)[0]
+        assert cam.class_idx.tolist() == [1] and cam.logits.shape == (1, 2)
+    assert np.array_equal(red, green)
+    peak = np.unravel_index(red.argmax(), red.shape)
+    assert any(rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop
+               for rows, cols in CORNERS.values()), peak
+
+
+def test_scorecam_batches_and_images():
+    """Several images, masked inputs in batches of one and of two: the same maps as the library."""
+    model = TwoRegions()
+    x = torch.cat([two_objects(seed) for seed in range(3)])
+    for batch_size in (1, 2):
+        with ScoreCAM(model, "features", batch_size=batch_size) as cam:
+            ours = cam(x, [0, 1, 1])
+        theirs = reference_maps(model, "features", "scorecam", x, [0, 1, 1])
+        assert np.abs(ours - theirs).max() < 1e-4, batch_size
+    with pytest.raises(ValueError, match="batch_size"):
+        ScoreCAM(model, "features", batch_size=0)
+
+
 def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_model_input_and_grads_as_found(mode):
+def test_leaves_model_input_and_grads_as_found(mode, method):
     model = random_model("custom_resnet", "bn")
     model.train(mode == "train")
     for p in model.parameters():
@@ -119,7 +195,8 @@ def test_leaves_model_input_and_grads_as_found(mode):
     state = copy.deepcopy(model.state_dict())  # includes BN running statistics
     x = torch.randn(3, 3, 32, 32)
     x_before = x.clone()
-    with GradCAM(model, "layer2") as cam:
+    layer = "prep" if method == "scorecam" else "layer2"  # 64 channels: 64 passes per image
+    with CAMS[method](model, layer) as cam:
         assert hook_count(model) == 1
         with torch.no_grad():  # works inside the caller's no_grad too
             maps = cam(x)
