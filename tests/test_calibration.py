@@ -53,3 +53,6 @@ def test_reliability_figure_names_the_ece():
     probs = probs_with_confidence([0.95] * 50 + [0.55] * 50, [3] * 100)
     fig = reliability_figure(probs, np.array([3] * 50 + [4] * 50))
     assert "ECE 30.00% (15 bins)" in fig.axes[0].get_title()
+    assert len(fig.axes[0].patches) == 2 * 2  # accuracy and gap bars of the two filled bins only
+    heights = sorted(round(p.get_height(), 6) for p in fig.axes[0].patches)
+    assert heights == [-0.05, 0.0, 0.55, 1.0]  # gap above the wrong bin, below the right one

@@ -48,11 +48,12 @@ def reliability_figure(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BI
     mids = [(r["low"] + r["high"]) / 2 for r in rows]
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 6), dpi=100, sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})
-    acc = [r["accuracy"] or 0.0 for r in rows]
-    conf = [r["confidence"] if r["count"] else m for r, m in zip(rows, mids, strict=True)]
-    ax.bar(mids, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    ax.bar(mids, np.subtract(conf, acc), bottom=acc, width=width, edgecolor="tab:red", color="none",
-           hatch="//", label="gap to confidence")
+    filled = [r for r in rows if r["count"]]  # an empty bin draws nothing
+    at = [(r["low"] + r["high"]) / 2 for r in filled]
+    acc = [r["accuracy"] for r in filled]
+    ax.bar(at, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(at, [r["confidence"] - a for r, a in zip(filled, acc, strict=True)], bottom=acc, width=width,
+           edgecolor="tab:red", color="none", hatch="//", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title=f"Reliability diagram: ECE {100 * ece(probs, labels, bins):.2f}% ({bins} bins)")
