@@ -1,5 +1,6 @@
 """A run whose loss or model becomes non-finite stops at once and never saves a non-finite state."""
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -7,7 +8,6 @@ import torch.nn as nn
 
 import model as model_registry
 from main import main
-from model import ModelEntry
 from utils import checkpoint
 
 ARGS = ["--model", "custom_resnet", "--epochs", "3", "--batch-size", "12", "--lr", "0.05", "--workers", "0",
@@ -34,8 +34,7 @@ class NaNAt(nn.Module):
 def nan_model(monkeypatch):
     def install(at, mode):
         real = model_registry.MODELS["custom_resnet"]
-        entry = ModelEntry(lambda num_classes, norm: NaNAt(real(num_classes, norm), at, mode),
-                           real.epochs, real.batch_size, real.lr, real.cam_layer, real.about)
+        entry = dataclasses.replace(real, builder=lambda num_classes, norm: NaNAt(real(num_classes, norm), at, mode))
         monkeypatch.setitem(model_registry.MODELS, "custom_resnet", entry)
     return install
 
