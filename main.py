@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test on a fixed class-balanced subset of N images")
     g.add_argument("--val-split", type=int_at_least(1), default=None,
                    help="hold out N class-balanced training images (fixed by --seed) as a validation set: "
-                        "best.pt is chosen on it and the test set is only measured (default: none, "
-                        "best.pt is chosen on the test set)")
+                        "best.pt is chosen on it and the test set is only measured; without it best.pt "
+                        "is chosen on the test set")
     g.add_argument("--cutout-p", type=float_in(0, 1), default=0.5,
                    help="probability of the 8x8 cutout hole")
     g.add_argument("--analyze", action="store_true",
@@ -167,11 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also test on CIFAR-10-C-style corrupted copies of the test set (noise, blur, JPEG, "
                         "brightness, contrast; 5 severities each, made locally and fixed by --seed)")
     g.add_argument("--robustness-subset", type=int_at_least(1), default=None,
-                   help="corrupt a fixed class-balanced subset of N test images (default: all)")
+                   help="corrupt a fixed class-balanced subset of N test images; None: all of them")
     g.add_argument("--faithfulness", type=int_at_least(0), default=0, metavar="N",
                    help="score every CAM method's faithfulness on N test images: the drop of the class "
                         "probability when the pixels its map ranks highest are removed, against "
-                        "removing random ones (default: 0, off)")
+                        "removing random ones; 0: off")
     return p
 
 
@@ -226,7 +226,7 @@ def train(args, resume, run, ddp) -> int:
 
     train_split, val_split, test_split = load_splits(args)
     train_loader = build_loader(args, train_split, device, train=True, ddp=ddp)
-    val_loader = val_split and build_loader(args, val_split, device, train=False, ddp=ddp)
+    val_loader = None if val_split is None else build_loader(args, val_split, device, train=False, ddp=ddp)
     test_loader = build_loader(args, test_split, device, train=False, ddp=ddp)
     args.data = data_sizes(train_split, val_split, test_split)
     if resume is not None:
@@ -262,8 +262,9 @@ def train(args, resume, run, ddp) -> int:
                                             device, precision, channels_last, log=postfix(batches),
                                             log_interval=args.log_interval, lr_log=progress.lrs)
             dist_utils.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
-            va, te = (measure(loader, f"{desc} {name}", eval_net, device, precision, channels_last, args,
-                              ddp.main) for loader, name in ((val_loader, "val"), (test_loader, "test")))
+            hardware = (eval_net, device, precision, channels_last, args, ddp.main)
+            va = measure(val_loader, f"{desc} val", *hardware)  # None without --val-split
+            te = measure(test_loader, f"{desc} test", *hardware)
             is_best = progress.record(epoch, tr, va, te)  # UserError on a non-finite loss
             state = checkpoint.build_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                            scaler=scaler, **progress.state(), args=vars(args),
