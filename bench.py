@@ -43,7 +43,7 @@ from utils.cpu_conv import use_cpu_convs
 from utils.cli import DEVICES, Parser, int_at_least, run_command
 from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_images,
                         train_transform)
-from utils.device import choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.device import PRECISIONS, choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.errors import UserError
 from utils.engine import evaluate, train_one_epoch
 from utils.gpu_aug import DeviceLoader
@@ -122,7 +122,7 @@ def reference_eval(model, batches, device):
 
 
 def bench_model(args, name, device) -> dict:
-    precision = choose_precision(device, args.amp)
+    precision = choose_precision(device, args.precision)
     channels_last = use_channels_last(device, args.channels_last, args.norm)
     batches = synthetic_batches(args.steps, args.batch_size, device, pin=device.type == "cuda")
     n = args.steps * args.batch_size
@@ -215,7 +215,7 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
         argv = ["--model", row["model"], "--norm", args.norm, "--data-dir", str(args.data_dir),
                 "--epochs", "1", "--batch-size", str(args.batch_size), "--device", args.device,
                 "--out-dir", str(Path(tmp) / "run"), "--gallery-size", "0",
-                "--amp" if args.amp else "--no-amp",
+                "--precision", args.precision,
                 "--channels-last" if args.channels_last else "--no-channels-last"]
         argv += ["--compile"] * args.compile + ["--fp32-weight-grads"] * args.fp32_weight_grads
         argv += ["--small-map-gemm" if args.small_map_gemm else "--no-small-map-gemm"]
@@ -247,8 +247,8 @@ def build_parser():
     p.add_argument("--norm", default="bn", choices=NORMS, help="normalisation layer of resnet18")
     p.add_argument("--device", default="auto", choices=DEVICES, help="device")
     p.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per batch")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="our step's mixed precision (bf16 where fast, as main.py)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="our step's precision (auto: bf16 where fast, as main.py)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="our step's channels_last memory format (as main.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")

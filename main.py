@@ -27,7 +27,7 @@ from utils.cli import DEVICES, Parser, float_in, given_flags, int_at_least, lr_o
 from utils.assess import assess
 from utils.data import default_workers, set_max_image_pixels
 from utils.describe import describe
-from utils.device import choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.device import PRECISIONS, choose_precision, configure_backends, resolve_device, use_channels_last
 from utils.engine import NonFiniteLoss
 from utils.errors import UserError
 from utils.gradcam import METHODS
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("hardware and reproducibility")
     g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision: bf16 on CUDA and on CPUs with native bf16, fp16 on older "
-                        "GPUs, fp32 elsewhere")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA GPUs and CPUs with native bf16, fp16 autocast with "
+                        "loss scaling on older GPUs (T4, V100), fp32 elsewhere; or force one")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format where it is faster (CUDA, CPU)")
     g.add_argument("--seed", type=int, default=1, help="seed for Python, NumPy, torch and the loaders")
@@ -221,7 +221,7 @@ def train(args, resume, run, ddp) -> int:
     device = dist_utils.init(ddp, device)
     seed_everything(args.seed, args.deterministic)
     configure_backends(device, args.cudnn_benchmark, args.deterministic)
-    precision = choose_precision(device, args.amp)
+    precision = choose_precision(device, args.precision)
     channels_last = use_channels_last(device, args.channels_last, args.norm)
 
     train_split, val_split, test_split = load_splits(args)

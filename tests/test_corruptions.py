@@ -175,7 +175,7 @@ def test_robustness_gives_the_expected_accuracies():
     # moves their mean; brightness adds c * 255 and pushes the dark ones over 127.5 one by one
     split = grey_split([30, 60, 90, 110, 120, 135, 150, 170, 200, 220], [0] * 5 + [1] * 5)
     logged = []
-    rows = robustness(Brightness(), split, CPU, choose_precision(CPU, False), tta=True,
+    rows = robustness(Brightness(), split, CPU, choose_precision(CPU, "fp32"), tta=True,
                       batch_size=4, seed=0, log=logged.append)
     assert len(rows) == 1 + 5 * 5 and logged == rows
     assert rows[0] == {"corruption": CLEAN, "severity": 0, "accuracy": 100.0, "images": 10}
@@ -191,11 +191,11 @@ def test_robustness_gives_the_expected_accuracies():
 def test_robustness_subset_with_a_constant_model():
     split = grey_split([100] * 12, [0, 1, 2] * 4)
     split.classes = ["a", "b", "c"]
-    rows = robustness(Constant(), split, CPU, choose_precision(CPU, False), batch_size=5, subset=6, seed=3)
+    rows = robustness(Constant(), split, CPU, choose_precision(CPU, "fp32"), batch_size=5, subset=6, seed=3)
     assert len(rows) == 26
     assert all(r["images"] == 6 and r["accuracy"] == 100.0 * 2 / 6 for r in rows)
     # a subset larger than the split takes all of it
-    rows = robustness(Constant(), split, CPU, choose_precision(CPU, False), subset=50)
+    rows = robustness(Constant(), split, CPU, choose_precision(CPU, "fp32"), subset=50)
     assert rows[0]["images"] == 12 and rows[0]["accuracy"] == 100.0 * 4 / 12
 
 

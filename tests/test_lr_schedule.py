@@ -80,7 +80,7 @@ def test_range_test_restores_the_model_bit_for_bit(tiny):
                                 weight_decay=5e-4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = optimizer.state_dict()
-    precision = choose_precision(torch.device("cpu"), amp=True)
+    precision = choose_precision(torch.device("cpu"))
     result = range_test(model, optimizer, nn.CrossEntropyLoss(), loader, torch.device("cpu"),
                         precision, start_lr=1e-5, end_lr=10, iters=30)
     after = model.state_dict()

@@ -251,7 +251,8 @@ def test_command_line_exit_code_and_single_line():
 @pytest.mark.parametrize("model,norm,extra", [
     ("resnet18", "bn", ["--scheduler", "step"]),
     ("resnet18", "gn", ["--optimizer", "adam", "--scheduler", "cosine"]),
-    ("resnet18", "ln", ["--no-amp", "--no-channels-last"]),
+    ("resnet18", "ln", ["--precision", "fp32", "--no-channels-last"]),
+    ("custom_resnet", "bn", ["--precision", "fp16", "--optimizer", "adam"]),
     ("custom_resnet", "gn", ["--no-nesterov", "--label-smoothing", "0", "--no-tta"]),
     ("custom_resnet", "ln", ["--workers", "2"]),
 ])
@@ -264,8 +265,11 @@ def test_every_model_norm_and_option_trains(model, norm, extra, image_folder, tm
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["args"]["norm"] == norm and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                                  if v.is_floating_point())
-    if "--no-amp" in extra:
-        assert "precision: fp32 | memory format: NCHW" in printed
+    if "fp32" in extra:
+        assert "precision: fp32 (asked for) | memory format: NCHW" in printed
+    elif "fp16" in extra:  # the T4/V100 path, runnable on any device: GradScaler state is saved
+        assert "precision: fp16 autocast + loss scaling (asked for) |" in printed
+        assert ckpt["scaler"]["scale"] > 0
     elif norm == "gn":  # GroupNorm is slower in channels_last on the CPU (utils/device.py)
         assert "memory format: NCHW" in printed
     else:

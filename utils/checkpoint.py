@@ -197,6 +197,8 @@ def resume_args(ckpt: dict, args, given: set, names: dict, path) -> None:
     for key, value in saved.items():
         if key not in given and key not in NOT_INHERITED and hasattr(args, key):
             setattr(args, key, value)
+    if "precision" not in saved and saved.get("amp") is False and "precision" not in given:
+        args.precision = "fp32"  # a run saved before --precision replaced --no-amp
 
 
 def check_steps(ckpt: dict, steps_per_epoch: int, args) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import Preprocess, load_trained
 from .images import IMG_EXTENSIONS, DataError, read_image
-from .device import choose_precision, use_channels_last
+from .device import choose_precision, run_precision, use_channels_last
 from .errors import UserError
 
 
@@ -40,7 +40,7 @@ class Predictor:
         """The run's model with its precision (bf16/fp16 where it trained so and the device can) and flip."""
         trained = load_trained(path, device)
         args = trained.args
-        precision = choose_precision(device, args.get("amp", True))
+        precision = choose_precision(device, run_precision(args))
         channels_last = use_channels_last(device, args.get("channels_last", True), args.get("norm", "bn"))
         model = trained.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return cls(model, trained.classes, trained.preprocess, device, precision, channels_last,

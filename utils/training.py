@@ -156,7 +156,7 @@ def setup_line(args, device, precision, channels_last, cpu_convs, ddp) -> str:
     loading = "gpu-aug (on the device)" if args.gpu_aug else f"workers: {args.workers}"
     sizes = args.data
     val = f"{sizes['val']} validation, " if sizes["val"] else ""
-    return (f"device: {device} | precision: {precision.name} | memory format: "
+    return (f"device: {device} | precision: {precision.name} ({precision.why}) | memory format: "
             f"{'channels_last' if channels_last else 'NCHW'} | threads: {torch.get_num_threads()} | "
             f"{parallel}{loading}{' | torch.compile' if args.compile else ''}"
             f"{' | 4x4 convs as GEMM' if cpu_convs.get('small_map_gemm') else ''}"
