@@ -36,8 +36,9 @@ from utils.plots import lr_figure, plot_curves
 from utils.run_folder import RunFolder
 from utils.seed import seed_everything, set_epoch
 from utils.signals import as_stop, exit_status, sigterm_as_interrupt
+from utils.step import make_step
 from utils.training import (Progress, build_loader, build_model, build_optimizer, build_scheduler,
-                            check_parallel, find_lr, load_splits, setup_line, wrap)
+                            check_parallel, find_lr, load_splits, setup_line, use_gpu_aug, wrap)
 
 
 def recipes(field: str) -> str:
@@ -125,9 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic algorithms only, for bit-for-bit repeatable runs")
 
     g = p.add_argument_group("speed (README, \"Speed\")")
-    g.add_argument("--gpu-aug", action="store_true",
+    g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
                    help="hold the data on the training device as uint8 and augment whole batches there "
-                        "(same pad-crop, flip and cutout): for when the CPU cannot feed the GPU")
+                        "(same pad-crop, flip and cutout) instead of in --workers (default: on with CUDA, "
+                        "where loader workers cannot keep up with the step, unless the data would take over "
+                        "a quarter of the free GPU memory; off elsewhere)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the training step (forward, backward, SGD, lr, running sums) in a CUDA "
+                        "graph and replay it: the GPU stops waiting on Python (default: on with CUDA, "
+                        "except under torchrun, --compile, Adam and fp16)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (its first epoch pays the compile time)")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
@@ -225,6 +232,7 @@ def train(args, resume, run, ddp) -> int:
     channels_last = use_channels_last(device, args.channels_last, args.norm)
 
     train_split, val_split, test_split = load_splits(args)
+    args.gpu_aug = use_gpu_aug(args.gpu_aug, device, train_split, val_split, test_split)
     train_loader = build_loader(args, train_split, device, train=True, ddp=ddp)
     val_loader = None if val_split is None else build_loader(args, val_split, device, train=False, ddp=ddp)
     test_loader = build_loader(args, test_split, device, train=False, ddp=ddp)
@@ -245,7 +253,8 @@ def train(args, resume, run, ddp) -> int:
     scaler = precision.grad_scaler()
     progress = Progress.restore(resume, model, optimizer, scheduler, scaler)
     train_net, eval_net = wrap(model, args, ddp, device)
-    setup = setup_line(args, device, precision, channels_last, cpu_convs, ddp)
+    step = make_step(args, train_net, criterion, optimizer, scaler, precision, device, ddp)
+    setup = setup_line(args, device, precision, channels_last, cpu_convs, ddp, step.name)
     print(setup)
     header = table + found + setup + "\n"
     run.start(args, header, f"training: {progress.epoch} of {args.epochs} epochs done")
@@ -260,7 +269,7 @@ def train(args, resume, run, ddp) -> int:
             with bar(train_loader, f"{desc} train", ddp.main) as batches:
                 tr = engine.train_one_epoch(train_net, batches, criterion, optimizer, scheduler, scaler,
                                             device, precision, channels_last, log=postfix(batches),
-                                            log_interval=args.log_interval, lr_log=progress.lrs)
+                                            log_interval=args.log_interval, lr_log=progress.lrs, step=step)
             dist_utils.broadcast_buffers(model)  # every process evaluates the model rank 0 saves
             hardware = (eval_net, device, precision, channels_last, args, ddp.main)
             va = measure(val_loader, f"{desc} val", *hardware)  # None without --val-split

@@ -11,8 +11,9 @@ import torch
 from main import main
 from utils.cifar import MEAN, STD
 from utils.data import test_transform as eval_transform
-from utils.data import train_transform
+from utils.data import Split, train_transform
 from utils.gpu_aug import DeviceLoader, augment, normalize
+from utils.training import use_gpu_aug
 
 N = 3000
 FILL = np.array([round(m * 255) for m in MEAN])
@@ -129,3 +130,15 @@ def test_gpu_aug_trains_and_writes_the_run_folder(image_folder, tmp_path, capsys
     assert "gpu-aug (on the device)" in capsys.readouterr().out
     for name in ("metrics.csv", "last.pt", "misclassified.png", "gradcam.png", "report.html"):
         assert (out / name).is_file(), name
+
+
+def test_the_default_data_path_is_gpu_aug_on_cuda_while_the_data_fits(monkeypatch):
+    split = Split(np.zeros((1000, 32, 32, 3), np.uint8), np.zeros(1000, np.int64), ["a"])  # 3,072,000 bytes
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2 * 3_072_000, 10**12))
+    assert use_gpu_aug(None, cuda, split, None, split) is True  # both splits: exactly a quarter
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2 * 3_072_000 - 4, 10**12))
+    assert use_gpu_aug(None, cuda, split, None, split) is False  # a byte over: the workers load it
+    assert use_gpu_aug(True, cuda, split) is True and use_gpu_aug(False, cuda, split) is False
+    assert use_gpu_aug(None, torch.device("cpu"), split) is False
+    assert use_gpu_aug(True, torch.device("cpu"), split) is True

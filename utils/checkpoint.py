@@ -39,7 +39,7 @@ MATH_FLAGS = ("model", "norm", "epochs", "batch_size", "optimizer", "lr", "momen
               "weight_decay", "label_smoothing", "scheduler", "peak_epoch", "div_factor", "annihilate",
               "cutout_p", "train_subset", "test_subset", "val_split", "seed")
 # Never taken from the checkpoint: they describe this invocation, not the run.
-NOT_INHERITED = ("resume", "out_dir", "command", "lr_find", "analyze")
+NOT_INHERITED = ("resume", "out_dir", "command", "lr_find", "analyze", "cuda_graph")
 
 
 class CheckpointError(UserError):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from .dist import all_reduce_max, all_reduce_sum
 from .errors import UserError
 from .signals import check as check_sigterm
+from .step import Step
 
 
 class NonFiniteLoss(UserError):
@@ -24,51 +25,43 @@ def _to_device(images, labels, device, channels_last):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, precision,
-                    channels_last=False, log=None, log_interval=20, lr_log=None) -> dict:
+                    channels_last=False, log=None, log_interval=20, lr_log=None, step=None) -> dict:
     """One pass over ``loader``; the scheduler steps every batch.
 
-    Loss and correct counts accumulate on the device; ``log(running)`` is called
-    every ``log_interval`` batches with the running loss and accuracy (of this
-    process), and that is the only place the loop waits for the device; there
-    too a non-finite loss since the last check raises ``NonFiniteLoss`` naming
-    its step, so a diverged run stops within ``log_interval`` steps. The
-    returned loss and accuracy are over all processes under torchrun. ``lr_log``, a list,
-    gets the lr each batch used, read from the optimizer.
+    ``step`` (utils/step.py; default an eager ``Step`` of the model, criterion,
+    optimizer and scaler) does each batch's work and keeps the loss and correct
+    counts on the device. ``log(running)`` is called every ``log_interval``
+    batches with the running loss and accuracy (of this process), and that is
+    the only place the loop waits for the device; there too a non-finite loss
+    since the last check raises ``NonFiniteLoss`` naming its step, so a diverged
+    run stops within ``log_interval`` steps. The returned loss and accuracy are
+    over all processes under torchrun. ``lr_log``, a list, gets the lr each
+    batch used, read from the optimizer.
     """
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
+    step = step or Step(model, criterion, optimizer, scaler, precision)
+    step.reset()
     seen, lr = 0, optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    for step, (images, labels) in enumerate(loader, 1):
+    for i, (images, labels) in enumerate(loader, 1):
         check_sigterm()  # between batches: a SIGTERM stops the run here (utils/signals.py)
         images, labels = _to_device(images, labels, device, channels_last)
-        with precision.autocast():
-            logits = model(images)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]  # the rate this batch used
+        lr = optimizer.param_groups[0]["lr"]  # the rate this batch uses
+        step(images, labels)
         if lr_log is not None:
             lr_log.append(lr)
         scheduler.step()
-
-        loss_sum += loss.detach() * labels.size(0)
-        correct += (logits.argmax(1) == labels).sum()
-        first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step, first_bad)
         seen += labels.size(0)
-        if step % log_interval == 0 or step == len(loader):
+        if i % log_interval == 0 or i == len(loader):
             # .item() is a host-device sync point; once per log interval only. The max over
             # the processes makes every process stop at the same check under torchrun.
-            if all_reduce_max(first_bad).item() >= 0:
-                raise NonFiniteLoss(first_bad.item())
+            first_bad = all_reduce_max(step.first_bad.clone()).item()
+            if first_bad >= 0:
+                raise NonFiniteLoss(first_bad)
             if log is not None:
-                log({"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen, "lr": lr})
+                log({"loss": step.loss_sum.item() / seen, "acc": 100.0 * step.correct.item() / seen, "lr": lr})
     # summed over the processes under torchrun; .tolist() waits for the device, so the time is real
-    loss, correct, seen = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
+    loss, correct, seen = all_reduce_sum(torch.stack([step.loss_sum, step.correct.to(step.loss_sum.dtype),
                                                       torch.tensor(float(seen), device=device)])).tolist()
     seconds = time.perf_counter() - start
     return {"loss": loss / max(seen, 1), "acc": 100.0 * correct / max(seen, 1),

@@ -74,6 +74,19 @@ def check_parallel(args, ddp, device) -> None:
                         f"over {ddp.world_size} processes: pass a multiple of {ddp.world_size}")
 
 
+def use_gpu_aug(requested, device, *splits) -> bool:
+    """``--gpu-aug`` as asked, or by default on CUDA: Albumentations workers give a few
+    thousand images/s each (docs/speed.md), far below a GPU step's tens of thousands,
+    while the batched device path keeps up. Not when the uint8 images would take over a
+    quarter of the free GPU memory (a large image folder): then the workers load them."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return False
+    size = sum(s.images.nbytes for s in splits if s is not None)
+    return size <= torch.cuda.mem_get_info(device)[0] / 4
+
+
 def build_loader(args, split, device, train: bool, ddp=None):
     """This process's loader of ``split``: a --gpu-aug DeviceLoader or an Albumentations DataLoader.
 
@@ -148,7 +161,7 @@ def wrap(model, args, ddp, device):
     return train_net, eval_net
 
 
-def setup_line(args, device, precision, channels_last, cpu_convs, ddp) -> str:
+def setup_line(args, device, precision, channels_last, cpu_convs, ddp, step="eager") -> str:
     """The two lines every run prints first: hardware and data/recipe."""
     parallel = (f"processes: {ddp.world_size} (global batch {args.batch_size}, "
                 f"{args.batch_size // ddp.world_size} each{', SyncBatchNorm' if args.sync_bn else ''}) | "
@@ -158,7 +171,7 @@ def setup_line(args, device, precision, channels_last, cpu_convs, ddp) -> str:
     val = f"{sizes['val']} validation, " if sizes["val"] else ""
     return (f"device: {device} | precision: {precision.name} ({precision.why}) | memory format: "
             f"{'channels_last' if channels_last else 'NCHW'} | threads: {torch.get_num_threads()} | "
-            f"{parallel}{loading}{' | torch.compile' if args.compile else ''}"
+            f"{parallel}{loading} | step: {step}{' | torch.compile' if args.compile else ''}"
             f"{' | 4x4 convs as GEMM' if cpu_convs.get('small_map_gemm') else ''}"
             f"{' | fp32 weight grads of square convs' if cpu_convs.get('fp32_weight_grads') else ''}\n"
             f"data: {args.data_dir} ({sizes['train']} train, {val}{sizes['test']} test, "
