@@ -44,9 +44,12 @@ from utils.cli import DEVICES, Parser, int_at_least, run_command
 from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_images,
                         train_transform)
 from utils.device import PRECISIONS, choose_precision, configure_backends, resolve_device, use_channels_last
-from utils.errors import UserError
+from utils.dist import Dist
 from utils.engine import evaluate, train_one_epoch
+from utils.errors import UserError
 from utils.gpu_aug import DeviceLoader
+from utils.profile import profile_window, summary_line
+from utils.step import make_step
 
 
 def sync(device):
@@ -139,9 +142,11 @@ def bench_model(args, name, device) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant: speed only
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = precision.grad_scaler()
+    step_args = argparse.Namespace(cuda_graph=args.cuda_graph, compile=args.compile, optimizer="sgd")
+    step = make_step(step_args, step_model, criterion, optimizer, scaler, precision, device, Dist())
     ours = {
         "train": lambda: train_one_epoch(step_model, batches, criterion, optimizer, scheduler, scaler,
-                                         device, precision, channels_last),
+                                         device, precision, channels_last, step=step),
         "eval": lambda: evaluate(step_model, batches, device, precision, channels_last, tta=False),
     }
     torch.manual_seed(0)
@@ -155,14 +160,18 @@ def bench_model(args, name, device) -> dict:
         rates[f"reference_{phase}"] = n / statistics.median(secs["ref"])
         # the ratio of each pair of neighbouring windows, so that a drift in machine speed cancels
         speedups[phase] = statistics.median(r / o for o, r in zip(secs["ours"], secs["ref"], strict=True))
-    return {"model": name, "norm": args.norm, "precision": precision.name,
+    row = {"model": name, "norm": args.norm, "precision": precision.name,
             "memory_format": "channels_last" if channels_last else "NCHW", "compile": args.compile,
+            "step": step.name,
             "small_map_gemm": bool(cpu_convs.get("small_map_gemm")),
             "fp32_weight_grads": bool(cpu_convs.get("fp32_weight_grads")),
             "train_images_per_s": rates["train"], "eval_images_per_s": rates["eval"],
             "reference_train_images_per_s": rates["reference_train"],
             "reference_eval_images_per_s": rates["reference_eval"],
             "train_speedup": speedups["train"], "eval_speedup": speedups["eval"]}
+    if args.profile:  # one more window of our training step, traced
+        row["profile"] = profile_window(ours["train"], device, Path(args.profile) / f"{name}-train.json")
+    return row
 
 
 def first_images(data_dir, n: int) -> np.ndarray:
@@ -218,6 +227,7 @@ def bench_real_epoch(args, row, images, decode_seconds) -> dict:
                 "--precision", args.precision,
                 "--channels-last" if args.channels_last else "--no-channels-last"]
         argv += ["--compile"] * args.compile + ["--fp32-weight-grads"] * args.fp32_weight_grads
+        argv += [] if args.cuda_graph is None else ["--cuda-graph" if args.cuda_graph else "--no-cuda-graph"]
         argv += ["--small-map-gemm" if args.small_map_gemm else "--no-small-map-gemm"]
         argv += ["--workers", str(args.epoch_workers)] if args.epoch_workers is not None else []
         start = time.perf_counter()
@@ -252,6 +262,8 @@ def build_parser():
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="our step's channels_last memory format (as main.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="our step captured in a CUDA graph (default: on with CUDA, as main.py)")
     p.add_argument("--small-map-gemm", action=argparse.BooleanOptionalAction, default=True,
                    help="our step on a bf16 CPU: 4x4 convolutions as one matrix multiply (main.py's flag)")
     p.add_argument("--fp32-weight-grads", action="store_true",
@@ -268,21 +280,28 @@ def build_parser():
                         "and compare it with the reference's compute rate")
     p.add_argument("--epoch-workers", type=int_at_least(0), default=None,
                    help="loader workers of the real epoch (default: main.py's)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one window of our training step per model with torch.profiler: "
+                        "DIR/<model>-train.json (open in chrome://tracing or Perfetto) and a summary line "
+                        "(GPU busy time, launches a step, the costliest kernels)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
     return p
 
 
-def print_table(models: list, data: list, epochs: list) -> None:
+def print_table(models: list, data: list, epochs: list, steps: int) -> None:
     """The results as a table: our step against the reference, the data pipeline, real epochs."""
-    print(f"{'model':<15}{'precision':<15}{'format':<15}{'train img/s':>12}{'reference':>11}{'ratio':>7}"
-          f"{'eval img/s':>12}{'reference':>11}{'ratio':>7}")
+    print(f"{'model':<15}{'precision':<15}{'format':<15}{'step':<12}{'train img/s':>12}{'reference':>11}"
+          f"{'ratio':>7}{'eval img/s':>12}{'reference':>11}{'ratio':>7}")
     for r in models:
-        print(f"{r['model']:<15}{r['precision']:<15}{r['memory_format']:<15}"
+        print(f"{r['model']:<15}{r['precision']:<15}{r['memory_format']:<15}{r['step'][:11]:<12}"
               f"{r['train_images_per_s']:>12.0f}{r['reference_train_images_per_s']:>11.0f}"
               f"{r['train_speedup']:>6.2f}x{r['eval_images_per_s']:>12.0f}"
               f"{r['reference_eval_images_per_s']:>11.0f}{r['eval_speedup']:>6.2f}x")
     print("reference: fp32, NCHW, .item() every batch (kuangliu/pytorch-cifar); "
           "ratio: median over neighbouring windows")
+    for r in models:
+        if "profile" in r:
+            print(summary_line(f"{r['model']} train", r["profile"], steps))
     for r in data:
         print(f"data: {r['pipeline']:<22} workers {r['workers']}: {r['images_per_s']:.0f} img/s "
               f"({r['images_per_s_per_worker']:.0f} per worker)")
@@ -297,6 +316,12 @@ def bench(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.real_epoch and not args.data_dir:
         raise UserError("--real-epoch trains on an image folder: pass --data-dir too")
+    if args.profile:
+        try:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--profile {args.profile}: cannot create the folder ({exc.strerror}): "
+                            "pass a writable path") from None
     device = resolve_device(args.device)
     configure_backends(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -311,7 +336,7 @@ def bench(argv) -> int:
         train = load_data(args.data_dir, download=False)[0]  # what main.py decodes before epoch 1
         decode_seconds = time.perf_counter() - start
         epochs = [bench_real_epoch(args, row, len(train.labels), decode_seconds) for row in models]
-    print_table(models, data, epochs)
+    print_table(models, data, epochs, args.steps)
     result = {"device": str(device), "device_name": gpu, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps,
               "windows": args.windows, "warmup": args.warmup, "models": models, "data": data,

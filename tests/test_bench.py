@@ -64,3 +64,28 @@ def test_bench_writes_nothing_unless_asked(tmp_path, monkeypatch, capsys):
     assert bench.main(["--model", "custom_resnet", "--batch-size", "2", "--steps", "1", "--windows", "1",
                        "--warmup", "0"]) == 0
     assert "wrote" not in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+
+
+def test_bench_profile_writes_a_trace_and_names_the_costliest_operators(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", "custom_resnet", "--batch-size", "4", "--steps", "2", "--windows", "1",
+                       "--warmup", "0", "--device", "cpu", "--profile", str(tmp_path / "prof"),
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["models"]
+    profile = row["profile"]
+    trace = json.loads((tmp_path / "prof" / "custom_resnet-train.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::convolution_backward" in names or "ConvolutionBackward0" in names
+    assert profile["device_busy_s"] is None and profile["wall_s"] > 0 and len(profile["top"]) == 8
+    shares = [t["share"] for t in profile["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert f"profile custom_resnet train: {profile['wall_s']:.3f} s for 2 steps; top: " in text
+
+
+def test_bench_profile_refuses_an_unwritable_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert bench.main(["--model", "custom_resnet", "--profile", str(tmp_path / "file" / "prof")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --profile {tmp_path / 'file' / 'prof'}: cannot create the folder (")
+    assert err.endswith("pass a writable path") and len(err.splitlines()) == 1
