@@ -93,6 +93,32 @@ def test_the_captured_path_continues_a_resumed_optimizer_as_the_eager_step():
                          steps=4)
 
 
+def test_a_replay_that_fails_its_check_leaves_the_run_on_the_eager_step(monkeypatch, capsys):
+    fp32 = choose_precision(CPU, "fp32")
+    eager = train(CPU, fp32, Step)
+    monkeypatch.setattr(CapturedStep, "_replay", lambda self: None)  # a graph that does nothing
+    captured = train(CPU, fp32, lambda *a: CapturedStep(*a, graph=False))
+    assert captured[4].name == "eager (the CUDA graph failed its check)"
+    assert capsys.readouterr().err == ("warning: one replay of the captured step moved the weights 100.0% away "
+                                       "from an eager step: training runs eagerly; --no-cuda-graph skips the "
+                                       "attempt\n")
+    assert_same_training(eager, captured, rtol=1e-5, atol=1e-6)
+
+
+def test_a_capture_that_raises_leaves_the_run_on_the_eager_step(monkeypatch, capsys):
+    def fails(self, saved):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    fp32 = choose_precision(CPU, "fp32")
+    eager = train(CPU, fp32, Step)
+    monkeypatch.setattr(CapturedStep, "_check", fails)
+    captured = train(CPU, fp32, lambda *a: CapturedStep(*a, graph=False))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the capture failed: operation not permitted when stream is capturing: training runs eagerly; "
+        "--no-cuda-graph skips the attempt"]
+    assert_same_training(eager, captured, rtol=1e-5, atol=1e-6)
+
+
 def test_a_non_finite_loss_is_reported_at_its_step_by_the_captured_path():
     fp32 = choose_precision(CPU, "fp32")
     model, optimizer, scheduler, criterion, scaler = setup(CPU, fp32)

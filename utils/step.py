@@ -60,10 +60,13 @@ class CapturedStep(Step):
     Before capture, ``WARMUP`` eager steps on a side stream let cuDNN pick its kernels and
     the optimizer make its state (torch's recipe); their effect on the weights, the
     BatchNorm statistics and the optimizer state is then undone, so the first replay is
-    the run's first step.
+    the run's first step. One replay is then checked against one eager step on the same
+    batch (both undone): a capture that fails or moves the weights differently leaves the
+    run on the eager step, with a warning, instead of training it wrongly.
     """
 
     WARMUP = 3
+    TOLERANCE = 0.01  # relative difference of the weight updates allowed (kernels may differ in rounding)
 
     def __init__(self, model, criterion, optimizer, scaler, precision, graph=True):
         super().__init__(model, criterion, optimizer, scaler, precision)
@@ -71,20 +74,27 @@ class CapturedStep(Step):
             group["fused"], group["foreach"] = True, False
         device = self.loss_sum.device
         self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in optimizer.param_groups]
-        self.graph, self.use_graph, self.static = None, graph, None
+        self.graph, self.use_graph, self.static, self.fallback = None, graph, None, False
         self.name = "CUDA graph" if graph else "captured path, replayed eagerly"
 
     def __call__(self, images, labels) -> None:
+        if self.fallback:
+            return self._run(images, labels)
         for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
             lr.fill_(group["lr"])  # the scheduler's rate for this step; a launch, no host wait
         if self.static is None:
             self._prepare(images, labels)
+            if self.fallback:
+                return self._run(images, labels)
         if images.shape != self.static[0].shape or labels.shape != self.static[1].shape:
             with self._device_lr():  # the odd batch: eagerly, into the gradients the graph owns
                 self._run(images, labels, set_to_none=False)
             return
         self.static[0].copy_(images, non_blocking=True)
         self.static[1].copy_(labels, non_blocking=True)
+        self._replay()
+
+    def _replay(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -108,7 +118,7 @@ class CapturedStep(Step):
                 group["lr"] = lr
 
     def _prepare(self, images, labels) -> None:
-        """Static buffers, the warm-up (undone), and the capture."""
+        """Static buffers, the warm-up (undone), the capture and its check; on a problem, eager."""
         self.static = (torch.empty_like(images).copy_(images), torch.empty_like(labels).copy_(labels))
         saved = self._snapshot()
         cuda = self.use_graph and images.device.type == "cuda"
@@ -121,18 +131,36 @@ class CapturedStep(Step):
         if cuda:
             torch.cuda.current_stream(images.device).wait_stream(side)
         self._restore(saved)
-        if not cuda:
-            return
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._body()
-            self.graph = graph
-        except RuntimeError as exc:  # an op that cannot be captured: train eagerly, and say so
+            if cuda:
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: the DataLoader's pin-memory thread may call CUDA during the capture
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self._body()
+            problem = self._check(saved)
+        except RuntimeError as exc:  # an op that cannot be captured
+            problem = f"the capture failed: {str(exc).splitlines()[0]}"
+        if problem:
             self._restore(saved)
-            self.name = "eager (the CUDA graph capture failed)"
-            print(f"warning: the CUDA graph capture failed ({str(exc).splitlines()[0]}): training runs "
-                  "eagerly; --no-cuda-graph skips the attempt", file=sys.stderr)
+            self.graph, self.fallback, self.name = None, True, "eager (the CUDA graph failed its check)"
+            print(f"warning: {problem}: training runs eagerly; --no-cuda-graph skips the attempt",
+                  file=sys.stderr)
+
+    def _check(self, saved) -> str:
+        """'' when one replay moves the weights as one eager step on the same batch does; else what
+        differs. Both are undone afterwards. One host wait, once per run."""
+        moves = []
+        for run in (self._body, self._replay):
+            run()
+            moves.append([p.detach() - saved[0][name] for name, p in self.model.named_parameters()])
+            self._restore(saved)
+        eager, replayed = moves
+        diff = torch.stack([(r - e).float().norm() for r, e in zip(replayed, eager, strict=True)]).norm()
+        size = torch.stack([e.float().norm() for e in eager]).norm()
+        rel = (diff / size.clamp(min=1e-12)).item()
+        if rel <= self.TOLERANCE:
+            return ""
+        return f"one replay of the captured step moved the weights {rel:.1%} away from an eager step"
 
     def _snapshot(self) -> tuple:
         model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
