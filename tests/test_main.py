@@ -281,3 +281,17 @@ def test_every_model_norm_and_option_trains(model, norm, extra, image_folder, tm
         assert "test-time flip on" in printed and "single view" in printed
     assert ckpt["args"]["optimizer"] == ("adam" if "adam" in extra else "sgd")
     assert ckpt["args"]["lr"] == 0.01 and ckpt["optimizer"]["param_groups"][0]["initial_lr"] > 0
+
+
+def test_help_states_each_default_once():
+    import io
+    from contextlib import redirect_stdout
+
+    from main import build_parser
+    text = io.StringIO()
+    with redirect_stdout(text), pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    flat = " ".join(text.getvalue().split())
+    assert "(default: on with CUDA, where loader workers cannot keep up" in flat  # --gpu-aug says it itself
+    assert flat.count("(default: on with CUDA") == 3  # --gpu-aug, --cuda-graph, --persistent-workers
+    assert "(default: auto)" in flat and ") (default: None)" not in flat
