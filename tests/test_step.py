@@ -194,3 +194,11 @@ def test_main_on_cuda_captures_its_step_and_holds_the_data_on_the_gpu(image_fold
     assert main(argv) == 0
     first = capsys.readouterr().out.split("device: cuda")[1].splitlines()[0]
     assert "| gpu-aug (on the device) | step: CUDA graph" in first
+
+
+def test_a_resumed_run_decides_its_cuda_graph_afresh():
+    """A GPU run's saved --cuda-graph must not stop its resumption on a CPU."""
+    from utils.checkpoint import resume_args
+    resumed = args(cuda_graph=None)
+    resume_args({"args": {"cuda_graph": True, "optimizer": "sgd"}}, resumed, set(), {}, "last.pt")
+    assert resumed.cuda_graph is None
