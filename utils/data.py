@@ -14,11 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
 from .cifar import IMAGE_SIZE, MEAN, STD
@@ -166,13 +164,16 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- transforms
-def train_transform(cutout_p: float = 0.5) -> A.Compose:
-    """Pad 4 and random-crop 32, horizontal flip, one 8x8 cutout hole, normalise.
+def train_transform(cutout_p: float = 0.5):
+    """Pad 4 and random-crop 32, horizontal flip, one 8x8 cutout hole, normalise (Albumentations).
 
     Padding reflects the border (as Page's ResNet9 and airbench do) rather than
     adding black frames the model never sees at test time. The cutout hole is
     filled with the dataset mean, which the normalisation then maps to ~0.
+    Albumentations is imported here: a run that holds its data on the GPU never needs it.
     """
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
     fill = tuple(round(m * 255) for m in MEAN)
     pad = IMAGE_SIZE + 8
     return A.Compose([

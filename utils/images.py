@@ -5,9 +5,7 @@ training data on top of it), so a deployed app can carry this module alone.
 """
 import warnings
 
-import albumentations as A
 import numpy as np
-from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
 from .cifar import IMAGE_SIZE, MEAN, STD
@@ -79,6 +77,9 @@ def read_image(path, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def test_transform(mean=MEAN, std=STD) -> A.Compose:
-    """uint8 (H, W, 3) RGB -> the normalised (3, H, W) float tensor the model reads."""
+def test_transform(mean=MEAN, std=STD):
+    """uint8 (H, W, 3) RGB -> the normalised (3, H, W) float tensor the model reads (an
+    Albumentations Compose; imported here, as a run that holds its data on the GPU never needs it)."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
     return A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])

@@ -48,23 +48,28 @@ def plot_curves(history: list):
 def image_grid(images, titles, ncols=5, suptitle=None):
     """uint8 RGB images (N, H, W, 3), one titled axes each, drawn pixel for pixel (nearest).
 
-    The image axes are ``fig.axes[:N]`` in order, so a test can find each tile.
+    The image axes are ``fig.axes[:N]`` in order, so a test can find each tile. Each
+    cell is placed by hand (a ``TILE`` square under 0.4 inches of title) rather than by
+    a layout engine: constrained layout made saving a 75-tile Grad-CAM grid twice as slow.
     """
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
     head = 0.3 if suptitle else 0.0  # inches for the suptitle
-    # constrained layout makes room for the two-line titles and the suptitle
-    fig = plt.figure(figsize=(TILE * ncols, (TILE + 0.4) * nrows + head), dpi=DPI, layout="constrained")
+    cell, pad = TILE + 0.4, 0.08  # inches: a tile and its two-line title; the margin around an image
+    width, height = TILE * ncols, cell * nrows + head
+    fig = plt.figure(figsize=(width, height), dpi=DPI)
     for i, (image, title) in enumerate(zip(images, titles, strict=True)):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+        row, col = divmod(i, ncols)
+        x, y = col * TILE + pad, height - head - (row + 1) * cell + pad
+        ax = fig.add_axes((x / width, y / height, (TILE - 2 * pad) / width, (TILE - 2 * pad) / height))
         ax.imshow(image, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     if n == 0:
         fig.text(0.5, 0.5, "nothing to show", ha="center", va="center")
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        fig.suptitle(suptitle, fontsize=10, y=1 - 0.05 / height)
     return fig
 
 
