@@ -101,3 +101,21 @@ def test_parallel_decode_matches_serial_and_names_a_bad_file(image_folder, monke
     bad.write_bytes(bad.read_bytes()[:40])  # truncated: the worker's DataError reaches the caller
     with pytest.raises(DataError, match="005.png.*delete or replace the file"):
         load_image_folder(image_folder)
+
+
+def test_a_class_folder_lists_its_images_in_sorted_order_without_hidden_files_or_linked_folders(tmp_path):
+    from utils.data import _image_files
+    folder = tmp_path / "cat"
+    (folder / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("b.png", "a.JPG", "sub/c.png", "notes.txt", ".DS_Store", "._b.png", "sub/.hidden.png"):
+        (folder / name).write_bytes(b"x")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "d.png").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "e.png").write_bytes(b"x")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # not entered
+    (folder / "f.png").symlink_to(tmp_path / "elsewhere" / "e.png")  # a linked file is an image
+    (folder / "g.png").symlink_to(tmp_path / "missing.png")  # a broken link is not
+    (folder / "h.png").mkdir()  # nor is a folder named like an image
+    expected = sorted(folder / name for name in ("a.JPG", "b.png", "f.png", "sub/c.png"))
+    assert _image_files(folder) == [str(p) for p in expected]

@@ -43,10 +43,22 @@ def _class_dirs(split_dir: Path) -> list:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _walk_images(folder: str):
+    """Image paths under ``folder`` via os.scandir (no stat per file, unlike Path.rglob): hidden
+    files and folders (.DS_Store, macOS's ._name.jpg) skipped, symlinked folders not entered."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk_images(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS and entry.is_file():
+                yield entry.path
+
+
 def _image_files(class_dir: Path) -> list:
-    # hidden files (.DS_Store, macOS's ._name.jpg resource forks) are never images
-    files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+    """The image paths (str) under ``class_dir`` in ``sorted()`` order of their Paths."""
+    files = sorted(_walk_images(str(class_dir)), key=lambda p: os.path.normcase(p).split(os.sep))
     if not files:
         raise DataError(f"no images in {class_dir}: add images "
                         f"({', '.join(IMG_EXTENSIONS)}) or remove the folder")
