@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from main import main
@@ -108,3 +109,28 @@ def test_a_failed_run_leaves_no_folder_it_created(tmp_path, capsys):
     assert "cannot read image" in error_line(capsys)
     assert not (tmp_path / "a").exists()
 
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard link", "file system without links"])
+def test_best_pt_is_a_whole_copy_that_outlives_the_next_last_pt(tmp_path, monkeypatch, links):
+    from utils.io import atomic_copy, atomic_write
+    if not links:
+        def no_links(*args):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_write(last, lambda f: f.write(b"epoch 1"))
+    atomic_copy(last, best)
+    assert best.read_bytes() == b"epoch 1" and (os.stat(best).st_ino == os.stat(last).st_ino) == links
+    atomic_write(last, lambda f: f.write(b"epoch 2"))  # a new file renamed over last.pt
+    assert best.read_bytes() == b"epoch 1" and last.read_bytes() == b"epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_trained_best_pt_holds_its_epoch(image_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "2", "--data-dir", str(image_folder), "--out-dir", str(out)]) == 0
+    accs = [float(r["test_acc"]) for r in rows(out)]
+    best_epoch = 1 + accs.index(max(accs))
+    assert checkpoint.load(out / "best.pt")["epoch"] == best_epoch
+    assert checkpoint.load(out / "last.pt")["epoch"] == 2

@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -17,6 +18,24 @@ def atomic_write(path, write) -> None:
     try:
         with open(tmp, "wb") as f:  # plain open: the usual umask mode, unlike mkstemp's 0600
             write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(source, path) -> None:
+    """Make ``path`` a whole copy of ``source`` atomically: a hard link where the file system has
+    them (no bytes written; ``source`` later replaced by ``atomic_write`` keeps ``path`` as it was),
+    else a byte copy; then a rename, as ``atomic_write``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

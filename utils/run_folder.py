@@ -33,7 +33,7 @@ except ImportError:  # Windows: no advisory locks, a folder is not guarded
 
 from . import checkpoint
 from .errors import UserError
-from .io import write_csv, write_json, write_text
+from .io import atomic_copy, write_csv, write_json, write_text
 from .plots import save_figure
 from .report import write_report
 
@@ -165,14 +165,19 @@ class RunFolder:
         """last.pt (and best.pt), then the metrics row, then the report: in that order."""
         self.save("last.pt", state)
         self.saved_epoch = state["epoch"]
-        if is_best:
-            self.save("best.pt", state)
+        if is_best:  # the same bytes: linked or copied, not serialised again
+            self.copy("best.pt", "last.pt")
         self.write_csv("metrics.csv", history, METRIC_COLUMNS)
         self.report(status)
 
     @_guarded
     def save(self, name: str, state: dict) -> None:
         checkpoint.save(self / name, state)
+
+    @_guarded
+    def copy(self, name: str, source: str) -> None:
+        """``name``, a whole copy of ``source`` (utils/io.atomic_copy)."""
+        atomic_copy(self / source, self / name)
 
     @_guarded
     def write_text(self, name: str, text: str) -> None:
