@@ -119,15 +119,17 @@ def test_a_capture_that_raises_leaves_the_run_on_the_eager_step(monkeypatch, cap
     assert_same_training(eager, captured, rtol=1e-5, atol=1e-6)
 
 
-def test_a_non_finite_loss_is_reported_at_its_step_by_the_captured_path():
+@pytest.mark.parametrize("bad", [0, 2], ids=["the batch the check runs on", "a later batch"])
+def test_a_non_finite_loss_is_reported_at_its_step_by_the_captured_path(bad, capsys):
     fp32 = choose_precision(CPU, "fp32")
     model, optimizer, scheduler, criterion, scaler = setup(CPU, fp32)
     step = CapturedStep(model, criterion, optimizer, scaler, fp32, graph=False)
     data = batches(CPU)
-    data[2][0][0, 0, 0, 0] = float("nan")
+    data[bad][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLoss) as info:
         train_one_epoch(model, data, criterion, optimizer, scheduler, scaler, CPU, fp32, step=step)
-    assert info.value.step == 3
+    assert info.value.step == bad + 1
+    assert step.fallback is False and capsys.readouterr().err == ""  # not blamed on the capture
 
 
 def args(**kw):

@@ -9,6 +9,7 @@ the scheduler's learning rate into a device tensor that a fused SGD reads. A bat
 another shape (an epoch's smaller last batch) runs eagerly on the same model and
 optimizer, so the mathematics is the eager step's (tests/test_step.py).
 """
+import math
 import sys
 from contextlib import contextmanager, nullcontext
 
@@ -158,7 +159,7 @@ class CapturedStep(Step):
         diff = torch.stack([(r - e).float().norm() for r, e in zip(replayed, eager, strict=True)]).norm()
         size = torch.stack([e.float().norm() for e in eager]).norm()
         rel = (diff / size.clamp(min=1e-12)).item()
-        if rel <= self.TOLERANCE:
+        if rel <= self.TOLERANCE or not math.isfinite(rel):  # a non-finite loss: the run's own check says so
             return ""
         return f"one replay of the captured step moved the weights {rel:.1%} away from an eager step"
 
