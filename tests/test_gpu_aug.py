@@ -142,3 +142,19 @@ def test_the_default_data_path_is_gpu_aug_on_cuda_while_the_data_fits(monkeypatc
     assert use_gpu_aug(True, cuda, split) is True and use_gpu_aug(False, cuda, split) is False
     assert use_gpu_aug(None, torch.device("cpu"), split) is False
     assert use_gpu_aug(True, torch.device("cpu"), split) is True
+
+
+def test_a_gpu_aug_run_never_imports_albumentations(image_folder, tmp_path):
+    """Its import costs about a second of a short GPU recipe: training, testing, galleries and
+    Grad-CAM of a --gpu-aug run normalise with torch alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, main; rc = main.main(sys.argv[1:]); "
+            "print('albumentations' in sys.modules, rc)")
+    argv = ["--model", "custom_resnet", "--data-dir", str(image_folder), "--out-dir", str(tmp_path / "run"),
+            "--gpu-aug", "--epochs", "1", "--batch-size", "12", "--gallery-size", "3", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip().splitlines()[-1] == "False 0", proc.stderr[-500:]
+    assert (tmp_path / "run" / "gradcam.png").is_file()

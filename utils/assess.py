@@ -14,7 +14,8 @@ import torch
 from model import MODELS
 
 from .calibration import ECE_BINS, ece, reliability_figure
-from .data import balanced_subset, test_transform
+from .data import balanced_subset
+from .gpu_aug import normalize
 
 
 def assess(run, args, interp, split, model, device, precision, channels_last, progress) -> str:
@@ -61,8 +62,7 @@ def _robustness(run, args, split, model, device, precision, channels_last):
 def faithfulness_inputs(split, n: int, seed: int):
     """The first ``n`` of a class-balanced, seed-fixed choice of test images, normalised as tested."""
     idx = balanced_subset(split.labels, min(n, len(split.labels)), seed)
-    transform = test_transform()
-    return torch.stack([transform(image=split.images[i])["image"] for i in idx])
+    return normalize(torch.from_numpy(split.images[idx]).permute(0, 3, 1, 2).contiguous())
 
 
 def _faithfulness(run, args, split, model):

@@ -13,6 +13,7 @@ import torch
 from .analysis import confusion_matrix, per_class, top_losses
 from .cifar import to_uint8_image
 from .engine import predict
+from .gpu_aug import normalize
 from .gradcam import CAMS, overlay
 from .plots import confusion_figure, image_grid
 
@@ -78,9 +79,9 @@ def write_galleries(run, interp: Interpretation, split, model, layer: str, worst
             "(lowest probability of the true class first)")
     shown, titles, tiles, labels = [], [], [], []
     if worst:
-        from .data import test_transform
-        transform = test_transform()
-        batch = torch.stack([transform(image=split.images[w["index"]])["image"] for w in worst])
+        # the test transform's normalisation (equal to 1e-5, tests/test_gpu_aug.py), without Albumentations
+        uint8 = torch.from_numpy(split.images[[w["index"] for w in worst]]).permute(0, 3, 1, 2)
+        batch = normalize(uint8.contiguous())
         shown = [to_uint8_image(x) for x in batch]  # de-normalised: what the model saw
         true, pred = [w["true"] for w in worst], [w["pred"] for w in worst]
         with CAMS[method](model, layer) as cam:
