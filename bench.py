@@ -43,18 +43,14 @@ from utils.cpu_conv import use_cpu_convs
 from utils.cli import DEVICES, Parser, int_at_least, run_command
 from utils.data import (DataError, _class_dirs, _image_files, load_data, make_loader, read_images,
                         train_transform)
-from utils.device import PRECISIONS, choose_precision, configure_backends, resolve_device, use_channels_last
+from utils.device import (PRECISIONS, choose_precision, configure_backends, resolve_device, synchronize,
+                          use_channels_last)
 from utils.dist import Dist
 from utils.engine import evaluate, train_one_epoch
 from utils.errors import UserError
 from utils.gpu_aug import DeviceLoader
 from utils.profile import profile_window, summary_line
 from utils.step import make_step
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_windows(runs: dict, device, warmup: int, windows: int) -> dict:
@@ -69,10 +65,10 @@ def timed_windows(runs: dict, device, warmup: int, windows: int) -> dict:
     seconds = {name: [] for name in runs}
     for _ in range(windows):
         for name, run in runs.items():
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             run()
-            sync(device)
+            synchronize(device)
             seconds[name].append(time.perf_counter() - start)
     return seconds
 

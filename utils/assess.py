@@ -9,13 +9,12 @@ Called once after training (``main.py``); writes into the run folder
 
 and returns the lines for summary.txt.
 """
-import torch
 
 from model import MODELS
 
 from .calibration import ECE_BINS, ece, reliability_figure
 from .data import balanced_subset
-from .gpu_aug import normalize
+from .gpu_aug import normalize, to_chw
 
 
 def assess(run, args, interp, split, model, device, precision, channels_last, progress) -> str:
@@ -62,7 +61,7 @@ def _robustness(run, args, split, model, device, precision, channels_last):
 def faithfulness_inputs(split, n: int, seed: int):
     """The first ``n`` of a class-balanced, seed-fixed choice of test images, normalised as tested."""
     idx = balanced_subset(split.labels, min(n, len(split.labels)), seed)
-    return normalize(torch.from_numpy(split.images[idx]).permute(0, 3, 1, 2).contiguous())
+    return normalize(to_chw(split.images[idx]))
 
 
 def _faithfulness(run, args, split, model):

@@ -112,6 +112,12 @@ def use_channels_last(device: torch.device, requested: bool, norm: str = "bn") -
     return not (device.type == "cpu" and norm == "gn")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read afterwards is real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def configure_backends(device: torch.device, benchmark: bool = True, deterministic: bool = False) -> None:
     """cudnn.benchmark (pick the fastest convolution for our fixed 32x32 shapes) unless determinism is asked for.
 

@@ -53,6 +53,11 @@ def augment(images: torch.Tensor, generator: torch.Generator, cutout_p: float = 
     return torch.where(mask, _fill_uint8(device), out)
 
 
+def to_chw(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) array -> contiguous uint8 (N, 3, H, W) tensor on the CPU."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32, ``(x / 255 - MEAN) / STD`` as Albumentations' Normalize."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
@@ -72,7 +77,7 @@ class DeviceLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device,
                  train: bool, cutout_p: float = 0.5, rank: int = 0, world_size: int = 1):
-        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+        self.images = to_chw(images).to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.device, self.train, self.cutout_p = batch_size, torch.device(device), train, cutout_p
         self.rank, self.world_size = rank, world_size

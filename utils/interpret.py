@@ -8,12 +8,11 @@ mistakes and both galleries are computed from those probabilities.
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .analysis import confusion_matrix, per_class, top_losses
 from .cifar import to_uint8_image
 from .engine import predict
-from .gpu_aug import normalize
+from .gpu_aug import normalize, to_chw
 from .gradcam import CAMS, overlay
 from .plots import confusion_figure, image_grid
 
@@ -80,8 +79,7 @@ def write_galleries(run, interp: Interpretation, split, model, layer: str, worst
     shown, titles, tiles, labels = [], [], [], []
     if worst:
         # the test transform's normalisation (equal to 1e-5, tests/test_gpu_aug.py), without Albumentations
-        uint8 = torch.from_numpy(split.images[[w["index"] for w in worst]]).permute(0, 3, 1, 2)
-        batch = normalize(uint8.contiguous())
+        batch = normalize(to_chw(split.images[[w["index"] for w in worst]]))
         shown = [to_uint8_image(x) for x in batch]  # de-normalised: what the model saw
         true, pred = [w["true"] for w in worst], [w["pred"] for w in worst]
         with CAMS[method](model, layer) as cam:

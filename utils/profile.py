@@ -7,15 +7,11 @@ the CPU it gives the operators that took the most time.
 """
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
+from .device import synchronize
+
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _self_time(event, cuda: bool) -> float:
@@ -31,11 +27,11 @@ def profile_window(window, device, path, top: int = 8) -> dict:
     or kernels by their own time, each with its share of the total."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         window()
-        _sync(device)
+        synchronize(device)
         wall = time.perf_counter() - start
     prof.export_chrome_trace(str(path))
     events = [e for e in prof.key_averages() if e.key not in LAUNCHES and _self_time(e, cuda) > 0]
